@@ -1,0 +1,1 @@
+"""oxigaf MLX backend (NHWC inside, NCHW at the interface)."""

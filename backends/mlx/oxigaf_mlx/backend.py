@@ -1,0 +1,95 @@
+"""The MLX Backend: arrays and model loaders (NCHW at the interface, NHWC inside models)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from oxigaf.errors import BackendError
+
+from .common import MLX_DTYPES
+
+
+def _pick_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "gpu" if mx.default_device() == mx.gpu else "cpu"
+    if device not in ("cpu", "gpu"):
+        raise BackendError(f"unknown mlx device {device!r}: use cpu or gpu")
+    if device == "gpu":
+        try:
+            mx.set_default_device(mx.gpu)
+            mx.eval(mx.zeros(1))
+        except Exception as exc:
+            raise BackendError(f"mlx has no usable GPU here: {exc}") from exc
+    else:
+        mx.set_default_device(mx.cpu)
+    return device
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, device: str | None = None, dtype: str = "float32"):
+        self.device = _pick_device(device)
+        self.dtype = dtype
+        self.mlx_dtype = MLX_DTYPES[dtype]
+
+    def __repr__(self):
+        return f"MLXBackend(device={self.device!r}, dtype={self.dtype!r})"
+
+    # -- arrays ----------------------------------------------------------------------------
+
+    def asarray(self, x, dtype: str | None = None):
+        arr = np.asarray(x)
+        if arr.dtype.kind == "f":
+            return mx.array(np.array(arr, dtype=np.float32)).astype(MLX_DTYPES[dtype or self.dtype])
+        return mx.array(np.array(arr))
+
+    def to_numpy(self, x) -> np.ndarray:
+        if mx.issubdtype(x.dtype, mx.floating) and x.dtype != mx.float32:
+            x = x.astype(mx.float32)
+        return np.array(x)
+
+    def concat(self, xs, axis: int = 0):
+        return mx.concatenate(list(xs), axis=axis)
+
+    def synchronize(self, x=None) -> None:
+        if x is not None:
+            mx.eval(x)
+        mx.synchronize()
+
+    def isfinite(self, x) -> bool:
+        return bool(mx.all(mx.isfinite(x)).item())
+
+    def memory(self) -> dict:
+        return {"current_bytes": int(mx.get_active_memory()), "peak_bytes": int(mx.get_peak_memory())}
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+    # -- models ----------------------------------------------------------------------------
+
+    def load_unet(self, folder, *, attention: str = "auto", dtype: str | None = None, **kw):
+        from .unet import load_unet
+
+        return load_unet(folder, dtype=dtype or self.dtype, attention=attention, **kw)
+
+    def load_vae(self, folder, *, dtype: str | None = None, **kw):
+        from .vae import load_vae
+
+        return load_vae(folder, dtype=dtype or "float32", **kw)
+
+    def load_image_encoder(self, folder, *, dtype: str | None = None, **kw):
+        from .clip import load_image_encoder
+
+        return load_image_encoder(folder, dtype=dtype or self.dtype, **kw)
+
+    def load_text_encoder(self, folder, *, dtype: str | None = None, **kw):
+        from .clip import load_text_encoder
+
+        return load_text_encoder(folder, dtype=dtype or self.dtype, **kw)
+
+    def load_upsampler_unet(self, folder, *, dtype: str | None = None, **kw):
+        from .upsampler import load_upsampler_unet
+
+        return load_upsampler_unet(folder, dtype=dtype or self.dtype, **kw)

@@ -1,0 +1,1 @@
+"""oxigaf PyTorch backend (NCHW)."""

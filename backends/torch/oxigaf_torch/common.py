@@ -1,0 +1,100 @@
+"""Pieces every torch model shares: weight loading, attention, float32 norms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oxigaf.checkpoints import check_state
+from oxigaf.config import check_attention
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else TORCH_DTYPES[dtype]
+
+
+def load_weights(module: nn.Module, state: Mapping[str, np.ndarray], where: str,
+                 dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu") -> nn.Module:
+    """Strictly load numpy tensors into a module built on the meta device (or anywhere).
+
+    Every parameter and persistent buffer must be in ``state`` with its shape, and nothing
+    else may be (``check_state`` names every offender). Tensors are converted to ``dtype``.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    check_state(expected, {k: tuple(v.shape) for k, v in state.items()}, where)
+    dt = torch_dtype(dtype)
+    tensors = {}
+    for name in expected:
+        arr = np.asarray(state[name])
+        if arr.dtype.kind == "f":
+            t = torch.from_numpy(np.array(arr, dtype=np.float32 if dt != torch.float16 else np.float16))
+            tensors[name] = t.to(device=device, dtype=dt)
+        else:
+            tensors[name] = torch.from_numpy(np.array(arr)).to(device)
+    module.load_state_dict(tensors, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the activation dtype (as the reference does)."""
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the activation dtype."""
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def resolve_attention(mode: str, device: torch.device | str) -> str:
+    """``auto`` is the fused kernel: torch has one on every device (flash / memory-efficient on
+    CUDA, a flash kernel on CPU), so it never builds the whole score matrix."""
+    check_attention(mode)
+    return "sdpa" if mode == "auto" else mode
+
+
+def attention(q, k, v, mode: str = "sdpa", mask=None, scale: float | None = None, chunk_size: int = 1024):
+    """softmax(q kᵀ·scale + mask) v over (B, heads, N, d) tensors.
+
+    - ``sdpa``: ``F.scaled_dot_product_attention`` (fused where torch has a kernel);
+    - ``chunked``: query blocks of ``chunk_size``: peak memory O(B·heads·chunk·N);
+    - ``naive``: the whole score matrix, softmax in float32 (the baseline).
+    ``mask`` is additive and broadcastable to (B, heads, Nq, Nk).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if mode == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if mode == "naive":
+        return _attend(q, k, v, mask, scale)
+    if mode == "chunked":
+        n = q.shape[-2]
+        if n <= chunk_size:
+            return _attend(q, k, v, mask, scale)
+        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        for s in range(0, n, chunk_size):
+            m = None if mask is None else mask[..., s:s + chunk_size, :] if mask.shape[-2] > 1 else mask
+            out[..., s:s + chunk_size, :] = _attend(q[..., s:s + chunk_size, :], k, v, m, scale)
+        return out
+    raise ValueError(f"unknown attention mode {mode!r}")
+
+
+def _attend(q, k, v, mask, scale):
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    if mask is not None:
+        scores = scores + mask.float()
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)

@@ -1,0 +1,241 @@
+"""Finding model folders, reading their configs and weights, and checking weights strictly.
+
+Weights are read from safetensors files straight into numpy (memory-mapped, so only what a
+backend copies is ever resident). numpy has no bfloat16, so bfloat16 tensors are widened to
+float32 on read; float16 and float32 stay as stored. Backends convert to their compute dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError
+
+# Tensors that some published files carry but that are buffers, not parameters, in every
+# implementation: skipped by exact name suffix, never by a loose match.
+HARMLESS_EXTRAS = ("position_ids",)
+
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,  # widened to float32 in _bf16_to_f32
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+# A header larger than this is not a real safetensors header (the format caps it at 100 MB).
+_MAX_HEADER = 100_000_000
+
+
+def is_hub_id(ref: str) -> bool:
+    """A hub id looks like ``owner/name`` and is not an existing local path."""
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
+
+
+def resolve_model(ref: str | os.PathLike, *, allow_patterns: list[str] | None = None) -> Path:
+    """Return the local folder for a model reference: a local folder, or a hub id.
+
+    Hub ids go through ``huggingface_hub.snapshot_download``, which honours ``HF_HUB_OFFLINE``
+    and the cache; offline and not cached is a ``ModelLoadError`` naming the id.
+    """
+    path = Path(os.path.expanduser(str(ref)))
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"model path {str(ref)!r} is a file; expected a model folder")
+    ref = str(ref)
+    if not is_hub_id(ref):
+        raise ModelLoadError(f"model folder {ref!r} does not exist (and is not a hub id owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise ModelLoadError(
+            f"{ref!r} is not a local folder; loading hub ids needs huggingface_hub "
+            "(pip install 'oxigaf[hub]')"
+        ) from exc
+    try:
+        return Path(snapshot_download(ref, allow_patterns=allow_patterns))
+    except Exception as exc:  # huggingface_hub raises many kinds; all mean "not available"
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else str(exc)
+        raise ModelLoadError(f"cannot get model {ref!r} from the Hugging Face hub: {why}") from exc
+
+
+def read_json(path: str | os.PathLike, what: str | None = None) -> dict:
+    """Read a JSON object, turning a missing or corrupt file into a ``ModelLoadError``."""
+    path = Path(path)
+    what = what or path.name
+    if not path.is_file():
+        raise ModelLoadError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{what} is not valid JSON: {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{what} must hold a JSON object: {path}")
+    return data
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a component folder: one file, or the shards of an index."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model component folder not found: {folder}")
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        index = read_json(indexes[0], "safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"safetensors index has no weight_map: {indexes[0]}")
+        shards = sorted({folder / name for name in weight_map.values()})
+        missing = [str(s) for s in shards if not s.is_file()]
+        if missing:
+            raise ModelLoadError(f"shards named in {indexes[0].name} are missing: {', '.join(missing)}")
+        return shards
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no .safetensors weights in {folder}")
+    if len(files) > 1:
+        # diffusers folders may hold both a full and a fp16 variant; prefer the plain name.
+        plain = [f for f in files if f.name in ("diffusion_pytorch_model.safetensors", "model.safetensors")]
+        if len(plain) == 1:
+            return plain
+        raise ModelLoadError(
+            f"several safetensors files and no index in {folder}: {', '.join(f.name for f in files)}"
+        )
+    return files
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read one safetensors file into numpy arrays (memory-mapped; bf16 widened to float32).
+
+    Truncated, corrupt or foreign files raise ``ModelLoadError`` naming the file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelLoadError(f"not a safetensors file (too short): {path}")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > _MAX_HEADER or 8 + n > size:
+            raise ModelLoadError(f"not a safetensors file or truncated (header size {n}): {path}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"corrupt safetensors header in {path}: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"corrupt safetensors header in {path}")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,)) if data_size else None
+    out: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"corrupt entry {name!r} in safetensors header of {path}") from exc
+        count = int(np.prod(shape, dtype=np.int64))
+        if begin < 0 or end > data_size or end - begin != count * np.dtype(dtype).itemsize:
+            raise ModelLoadError(
+                f"tensor {name!r} lies outside the data of {path} (file truncated or corrupt)"
+            )
+        arr = mm[begin:end].view(dtype).reshape(shape) if count else np.zeros(shape, dtype)
+        out[name] = _bf16_to_f32(arr) if info["dtype"] == "BF16" else arr
+    return out
+
+
+def load_state(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a component folder (single file or shards), by name."""
+    state: dict[str, np.ndarray] = {}
+    for file in weight_files(folder):
+        for name, arr in read_safetensors(file).items():
+            if name in state:
+                raise ModelLoadError(f"tensor {name!r} appears in more than one shard of {folder}")
+            state[name] = arr
+    return state
+
+
+def strip_prefix(state: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """Drop ``prefix`` from every key when all keys carry it (e.g. transformers' ``text_model.``)."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def rename(state: Mapping[str, np.ndarray], table: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """Rename key *segments* by an explicit table (``.query.`` -> ``.to_q.``); exact, not fuzzy."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part in table:
+                parts[i] = table[part]
+        out[".".join(parts)] = value
+    return out
+
+
+def check_state(
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[int, ...]],
+    where: str,
+    *,
+    ignore: Iterable[str] = HARMLESS_EXTRAS,
+) -> None:
+    """Compare expected names/shapes with a file's; one ``ModelLoadError`` lists every problem."""
+    ignore = tuple(ignore)
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected and not k.endswith(ignore))
+    misshaped = sorted(
+        f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    )
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"weights in {where} do not match the model:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+    raise ModelLoadError("\n".join(lines))
+
+
+def manifest_shapes(keys_json: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from a ``keys.json`` manifest (``{name: shape}``)."""
+    return {k: tuple(v) for k, v in read_json(keys_json, "checkpoint manifest").items()}
+
+
+def write_random_checkpoint(
+    shapes: Mapping[str, tuple[int, ...]], path: str | os.PathLike, *, seed: int = 0,
+    dtype=np.float16, std: float = 0.02,
+) -> None:
+    """Write a safetensors file with random tensors of the given names and shapes.
+
+    Used by tests (real-shape manifests) and the demo model; values are small normals.
+    """
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {
+        name: (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
+        for name, shape in shapes.items()
+    }
+    save_file(tensors, str(path))
