@@ -34,3 +34,16 @@ BACKENDS = [b for b in ("torch", "mlx") if _importable(b)]
 @pytest.fixture(params=BACKENDS)
 def backend_name(request) -> str:
     return request.param
+
+
+def make_hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "0" * 40) -> Path:
+    """Lay ``source`` out as a Hugging Face hub cache entry for ``repo_id`` (what
+    ``snapshot_download`` leaves behind), so hub ids resolve offline. Returns the snapshot folder."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(source, snapshot, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

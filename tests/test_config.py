@@ -1,0 +1,100 @@
+"""DiffusionConfig validation and the model-config readers on the published configs."""
+
+import json
+import math
+
+import pytest
+
+from oxigaf.config import (
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    DiffusionConfig,
+    UNetConfig,
+    UpsamplerUNetConfig,
+    VAEConfig,
+)
+from oxigaf.errors import ConfigError, ModelLoadError
+
+from conftest import CHECKPOINTS
+
+
+def test_defaults_are_valid_and_carry_the_seed_fields():
+    cfg = DiffusionConfig()
+    assert (cfg.num_views, cfg.num_inference_steps, cfg.use_flash_attention, cfg.prediction_type) == (
+        4, 50, True, "epsilon")
+    assert 1.0 <= cfg.guidance_scale <= 20.0
+
+
+@pytest.mark.parametrize("field,value", [
+    ("guidance_scale", 0.5), ("guidance_scale", 20.5), ("guidance_scale", math.nan), ("guidance_scale", "7"),
+    ("num_views", 0), ("num_views", 2.0), ("num_inference_steps", 0), ("num_inference_steps", -3),
+    ("dtype", "float8"), ("vae_dtype", "int8"), ("attention", "flash"), ("prediction_type", "x0"),
+    ("elevation", math.inf), ("elevation", 90.0), ("seed", -1), ("eta", -0.1), ("upsampler_steps", 0),
+    ("vae_tile_size", 100), ("attention_chunk_size", 0),
+])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ConfigError) as err:
+        DiffusionConfig(**{field: value})
+    assert field in str(err.value)
+
+
+def test_guidance_bounds_inclusive():
+    assert DiffusionConfig(guidance_scale=1.0).guidance_scale == 1.0
+    assert DiffusionConfig(guidance_scale=20).guidance_scale == 20.0
+
+
+def test_use_flash_attention_false_means_naive_under_auto():
+    assert DiffusionConfig(use_flash_attention=False).attention_mode == "naive"
+    assert DiffusionConfig(use_flash_attention=True).attention_mode == "auto"
+    assert DiffusionConfig(use_flash_attention=False, attention="chunked").attention_mode == "chunked"
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        DiffusionConfig().num_views = 8
+    assert DiffusionConfig().replace(num_views=8).num_views == 8
+
+
+def test_real_configs_read():
+    u = UNetConfig.from_folder(CHECKPOINTS / "imagedream-unet")
+    assert (u.model_channels, u.channel_mult, u.ip_dim, u.context_dim, u.camera_dim) == (320, (1, 2, 4, 4), 16, 1024, 16)
+    assert u.heads_for(1280) == (20, 64)
+    assert UNetConfig.from_folder(CHECKPOINTS / "mvdream-unet").ip_dim == 0
+    v = VAEConfig.from_folder(CHECKPOINTS / "sd21-vae")
+    assert (v.block_out_channels, v.layers_per_block, v.scaling_factor) == ((128, 256, 512, 512), 2, 0.18215)
+    cv = CLIPVisionConfig.from_folder(CHECKPOINTS / "clip-vit-h14-vision")
+    assert (cv.hidden_size, cv.num_hidden_layers, cv.patch_size, cv.hidden_act) == (1280, 32, 14, "gelu")
+    ct = CLIPTextConfig.from_folder(CHECKPOINTS / "sd21-text-encoder")
+    assert (ct.num_hidden_layers, ct.eos_token_id) == (23, 2)
+    assert CLIPTextConfig.from_folder(CHECKPOINTS / "clip-vit-l14-text").hidden_act == "quick_gelu"
+    k = UpsamplerUNetConfig.from_folder(CHECKPOINTS / "sd-x2-latent-upscaler-unet")
+    assert (k.time_cond_proj_dim, k.timestep_post_act, k.in_channels, k.out_channels) == (896, "gelu", 8, 5)
+
+
+def test_old_upsampler_key_spelling(tmp_path):
+    data = json.loads((CHECKPOINTS / "sd-x2-latent-upscaler-unet" / "config.json").read_text())
+    data["timestep_act_2"] = data.pop("timestep_post_act")
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert UpsamplerUNetConfig.from_folder(tmp_path).timestep_post_act == "gelu"
+
+
+def test_config_errors_name_the_file_and_key(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json not found"):
+        UNetConfig.from_folder(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        UNetConfig.from_folder(tmp_path)
+    data = json.loads((CHECKPOINTS / "imagedream-unet" / "config.json").read_text())
+    del data["model_channels"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match="model_channels"):
+        UNetConfig.from_folder(tmp_path)
+    data["model_channels"] = "wide"
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match="model_channels"):
+        UNetConfig.from_folder(tmp_path)
+
+
+def test_wrong_model_type_is_refused():
+    with pytest.raises(ModelLoadError, match="AutoencoderKL"):
+        UNetConfig.from_folder(CHECKPOINTS / "sd21-vae")
