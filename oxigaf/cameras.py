@@ -129,7 +129,9 @@ def as_cameras(cameras, num_views: int | None = None, elevation: float = 0.0) ->
         elif isinstance(cam, dict):
             out.append(CameraParams(**cam))
         else:
-            raise InputError(f"camera {i} must be CameraParams, an azimuth or an (azimuth, elevation[, distance]) tuple; got {cam!r}")
+            raise InputError(
+                f"camera {i} must be CameraParams, an azimuth or an (azimuth, elevation[, distance]) tuple; got {cam!r}"
+            )
     if not out:
         raise InputError("cameras must name at least one view")
     return out

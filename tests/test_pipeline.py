@@ -1,0 +1,194 @@
+"""The whole pipeline against the reference ImageDream run, across backends, batches, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from oxigaf import CameraParams, DiffusionConfig
+from oxigaf.errors import ConfigError, InputError, ModelLoadError
+from oxigaf.pipeline import Pipeline
+
+from conftest import BACKENDS, FIXTURES, make_hub_cache, rel_l2
+
+E2E = FIXTURES / "imagedream_e2e"
+CALL = json.loads((E2E / "call.json").read_text())
+EXPECTED = load_file(E2E / "expected.safetensors")
+# The fixture ran the reference's raw azimuths 0, 90, 180, 270: public azimuths -90, 0, 90, 180.
+E2E_CAMERAS = [CameraParams(a, CALL["elevation"]) for a in (-90.0, 0.0, 90.0, 180.0)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def e2e_pipe(request):
+    cfg = DiffusionConfig(num_views=4, num_inference_steps=CALL["num_inference_steps"],
+                          guidance_scale=CALL["guidance_scale"], elevation=CALL["elevation"])
+    return Pipeline.from_pretrained(E2E / "model", backend=request.param, config=cfg)
+
+
+@pytest.fixture(scope="module")
+def e2e_out(e2e_pipe):
+    return e2e_pipe.generate(E2E / "input.png", cameras=E2E_CAMERAS, prompt=CALL["prompt"],
+                             negative_prompt=CALL["negative_prompt"], latents=EXPECTED["initial_noise"],
+                             progress=False)
+
+
+def test_prompt_ids_equal_reference(e2e_pipe):
+    np.testing.assert_array_equal(e2e_pipe.tokenizer([CALL["prompt"]])[0], EXPECTED["prompt_ids"])
+
+
+def test_e2e_final_latents_equal_reference(e2e_out):
+    err = rel_l2(e2e_out.latents, EXPECTED["final_latents"][:4])
+    assert err <= 1e-4, err
+
+
+def test_e2e_views_equal_reference(e2e_out):
+    assert e2e_out.images.shape == (4, 256, 256, 3)
+    diff = np.abs(e2e_out.images - EXPECTED["images"][:4]).max()
+    assert diff <= 2e-3, diff
+    assert [v.size for v in e2e_out.views] == [(256, 256)] * 4
+    assert set(e2e_out.timings) >= {"conditioning", "denoising", "decoding"}
+
+
+def test_e2e_depends_on_cameras_and_guidance(e2e_pipe, e2e_out):
+    # Proof the comparison above can fail: the public-vs-raw azimuth offset and guidance matter.
+    raw = [CameraParams(a, 0.0) for a in (0.0, 90.0, 180.0, 270.0)]
+    moved = e2e_pipe.generate(E2E / "input.png", cameras=raw, latents=EXPECTED["initial_noise"],
+                              num_inference_steps=2, progress=False)
+    same = e2e_pipe.generate(E2E / "input.png", cameras=E2E_CAMERAS, latents=EXPECTED["initial_noise"],
+                             num_inference_steps=2, progress=False)
+    assert rel_l2(moved.latents, same.latents) > 1e-3
+    unguided = e2e_pipe.generate(E2E / "input.png", cameras=E2E_CAMERAS, latents=EXPECTED["initial_noise"],
+                                 num_inference_steps=2, guidance_scale=1.0, progress=False)
+    assert rel_l2(unguided.latents, same.latents) > 1e-3
+
+
+def test_latents_without_reference_slot(e2e_pipe, e2e_out):
+    # The reference slot only ever holds noise: leaving it out changes nothing.
+    out = e2e_pipe.generate(E2E / "input.png", cameras=E2E_CAMERAS, latents=EXPECTED["initial_noise"][:4],
+                            progress=False)
+    assert rel_l2(out.latents, e2e_out.latents) <= 1e-6
+
+
+def test_batch_equals_single_runs_and_keeps_camera_order(e2e_pipe):
+    from PIL import Image
+
+    img = Image.open(E2E / "input.png").convert("RGB")
+    flipped = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    cams = [CameraParams(a, 5.0) for a in (0.0, 45.0, 180.0)]
+    kw = dict(cameras=cams, num_inference_steps=2, seed=7, progress=False)
+    batch = e2e_pipe.generate([img, flipped], **kw)
+    alone0 = e2e_pipe.generate(img, **kw)
+    alone1 = e2e_pipe.generate(flipped, **{**kw, "seed": 8})
+    assert rel_l2(batch[0].latents, alone0.latents) <= 1e-5
+    assert rel_l2(batch[1].latents, alone1.latents) <= 1e-5
+    assert [c.azimuth for c in batch[1].cameras] == [0.0, 45.0, 180.0]
+
+
+def test_same_seed_same_views_across_backends():
+    if len(BACKENDS) < 2:
+        pytest.skip("needs both backends")
+    outs = [Pipeline(E2E / "model", backend=name).generate(E2E / "input.png", num_inference_steps=3, seed=11,
+                                                           progress=False) for name in BACKENDS]
+    assert rel_l2(outs[0].latents, outs[1].latents) <= 1e-4
+    assert np.abs(outs[0].images - outs[1].images).max() <= 2e-3
+
+
+def test_callback_sees_every_step(e2e_pipe):
+    seen = []
+    e2e_pipe.generate(E2E / "input.png", num_inference_steps=3, progress=False,
+                      callback=lambda i, t, x: seen.append((i, t)))
+    assert [i for i, _ in seen] == [0, 1, 2]
+    assert [t for _, t in seen] == sorted((t for _, t in seen), reverse=True)
+
+
+def test_save_writes_everything_atomically(e2e_out, tmp_path):
+    folder = e2e_out.save(tmp_path / "views")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["cameras.json", "grid.png", "transforms.json", "view_00.png", "view_01.png", "view_02.png",
+                     "view_03.png"]
+    tj = json.loads((folder / "transforms.json").read_text())
+    assert len(tj["frames"]) == 4 and tj["w"] == 256
+    with pytest.raises(InputError, match="not empty"):
+        e2e_out.save(folder)
+    e2e_out.save(folder, overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_bad_arguments_are_clear_errors(e2e_pipe):
+    img = E2E / "input.png"
+    with pytest.raises(ConfigError, match="guidance_scale"):
+        e2e_pipe.generate(img, guidance_scale=25.0)
+    with pytest.raises(ConfigError, match="num_inference_steps"):
+        e2e_pipe.generate(img, num_inference_steps=0)
+    with pytest.raises(InputError, match="latents"):
+        e2e_pipe.generate(img, latents=np.zeros((4, 4, 16, 16), np.float32))
+    with pytest.raises(ConfigError, match="output_size"):
+        e2e_pipe.generate(img, output_size=300)
+    with pytest.raises(ConfigError, match="upsampler"):
+        e2e_pipe.generate(img, output_size=512)
+    with pytest.raises(InputError, match="image"):
+        e2e_pipe.generate(None)
+
+
+def test_missing_component_is_named(tmp_path):
+    import shutil
+
+    shutil.copytree(E2E / "model", tmp_path / "m")
+    shutil.rmtree(tmp_path / "m" / "vae")
+    with pytest.raises(ModelLoadError, match="vae"):
+        Pipeline(tmp_path / "m", backend=BACKENDS[0])
+
+
+def test_bilinear_upsampler_gives_512(e2e_pipe):
+    pipe = Pipeline(E2E / "model", backend=BACKENDS[0], upsampler="bilinear")
+    out = pipe.generate(E2E / "input.png", num_inference_steps=1, progress=False)
+    assert out.images.shape == (4, 512, 512, 3) and out.latents.shape == (4, 4, 32, 32)
+
+
+def test_hub_id_loads_offline_from_local_cache(tmp_path):
+    make_hub_cache(tmp_path / "hub", "ashawkey/imagedream-ipmv-diffusers", E2E / "model")
+    code = ("from oxigaf.pipeline import Pipeline; "
+            "p = Pipeline.from_pretrained('ashawkey/imagedream-ipmv-diffusers', backend='torch'); "
+            "print('OK', p.model_path)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.startswith("OK") and "snapshots" in out.stdout, out.stderr
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "oxigaf.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_generate_and_errors(tmp_path):
+    out = _cli("generate", str(E2E / "input.png"), "-o", str(tmp_path / "v"), "--model", str(E2E / "model"),
+               "--backend", BACKENDS[0], "--steps", "2", "--azimuths", "0,120,240", "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "v").glob("view_*.png")) == ["view_00.png", "view_01.png",
+                                                                          "view_02.png"]
+    again = _cli("generate", str(E2E / "input.png"), "-o", str(tmp_path / "v"), "--model", str(E2E / "model"))
+    assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
+    bad = _cli("generate", str(tmp_path / "missing.png"), "-o", str(tmp_path / "w"), "--model", str(E2E / "model"),
+               "--backend", BACKENDS[0])
+    assert bad.returncode == 2 and "missing.png" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    nomodel = _cli("generate", str(E2E / "input.png"), "-o", str(tmp_path / "x"), "--model", str(tmp_path / "nope"))
+    assert nomodel.returncode == 2 and "nope" in nomodel.stderr
+
+
+def test_cli_demo_runs_whole_path_at_512(tmp_path):
+    out = _cli("demo", "-o", str(tmp_path / "demo"), "--backend", BACKENDS[0], "--steps", "2", "--quiet",
+               env={"OXIGAF_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "demo" / "view_00.png").size == (512, 512)
+    assert "noise" in out.stderr
+
+
+def test_cli_info():
+    out = _cli("info")
+    assert out.returncode == 0 and "torch" in out.stdout
