@@ -101,7 +101,7 @@ def test_exports_are_json_and_consistent():
     k = intrinsics(512)
     assert cj["intrinsics"]["fl_x"] == pytest.approx(k["fl_x"])
     assert k["fl_x"] == pytest.approx(256 / math.tan(math.radians(20)))
-    for view, frame, cam in zip(cj["views"], tj["frames"], cams):
+    for view, frame, cam in zip(cj["views"], tj["frames"], cams, strict=True):
         np.testing.assert_allclose(frame["transform_matrix"], cam.opengl_c2w())
         np.testing.assert_allclose(view["opencv_c2w"], cam.opencv_c2w())
         assert frame["file_path"] == view["file"]
