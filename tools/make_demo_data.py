@@ -32,7 +32,8 @@ UPSCALER_TEXT = {
 }
 UPSCALER_SCHEDULER = {
     "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "num_train_timesteps": 1000, "prediction_type": "sample", "steps_offset": 1,
+    "beta_start": 0.00085, "interpolation_type": "log_linear", "num_train_timesteps": 1000,
+    "prediction_type": "sample", "steps_offset": 1,
     "trained_betas": None,
 }
 
