@@ -46,6 +46,8 @@ def main(model: Path) -> None:
     if OUT.exists():
         shutil.rmtree(OUT)
     dst = OUT / "imagedream"
+    OUT.mkdir(parents=True)
+    shutil.copy(model.parent / "input.png", OUT / "portrait.png")  # the fixture's public-domain NASA portrait
     shutil.copytree(model, dst, ignore=shutil.ignore_patterns("*.safetensors"))
     for comp in ("unet", "vae", "text_encoder", "image_encoder"):
         (dst / comp / "keys.json").write_text(json.dumps(manifest(model / comp)))
