@@ -1,0 +1,305 @@
+"""CLIP image and text encoders (transformers' ``CLIPVisionModel`` / ``CLIPTextModel``) in PyTorch.
+
+The module tree mirrors the un-prefixed transformers layout (``embeddings``, ``pre_layrnorm``
+(sic), ``encoder.layers.N``, ``post_layernorm`` / ``final_layer_norm``), so the safetensors names
+are the parameter names. Published files carry the tower under ``vision_model.`` /
+``text_model.`` (the ``...WithProjection`` classes) or bare (the plain classes); both load, and
+the projection (``visual_projection`` / ``text_projection``, outside the tower prefix) is
+built only when the file has it.
+
+Numerics follow transformers: LayerNorms run in float32 whatever the compute dtype, the
+attention softmax scale is head_dim^-1/2, the text tower is causal.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oxigaf.checkpoints import load_state, strip_prefix
+from oxigaf.config import CLIPTextConfig, CLIPVisionConfig, check_attention, check_dtype
+from oxigaf.errors import InputError, ModelLoadError
+
+from .common import LayerNorm32, attention, load_weights, resolve_attention, torch_dtype
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _exact_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+ACTIVATIONS = {"gelu": _exact_gelu, "quick_gelu": _quick_gelu}
+
+
+def _check_geometry(config, where: str) -> None:
+    if config.hidden_act not in ACTIVATIONS:
+        raise ModelLoadError(
+            f"{where}: hidden_act {config.hidden_act!r} is not supported (use one of {', '.join(ACTIVATIONS)})"
+        )
+    if config.hidden_size % config.num_attention_heads:
+        raise ModelLoadError(
+            f"{where}: hidden_size {config.hidden_size} is not a multiple of "
+            f"num_attention_heads {config.num_attention_heads}"
+        )
+
+
+def split_tower(state: dict[str, np.ndarray], prefix: str, projection: str) -> dict[str, np.ndarray]:
+    """Bring a file to the bare layout: drop the tower prefix when *every* tower key has it.
+
+    The projection lives beside the tower, never under its prefix, so it is set aside first.
+    A file mixing both spellings keeps its prefixed keys, and the strict check names them.
+    """
+    state = dict(state)
+    proj = state.pop(projection, None)
+    state = strip_prefix(state, prefix)
+    if proj is not None:
+        state[projection] = proj
+    return state
+
+
+# --------------------------------------------------------------------------- shared blocks
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask, mode: str, chunk_size: int):
+        b, n, c = x.shape
+
+        def split(t):
+            return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+        out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                        mode, mask=mask, chunk_size=chunk_size)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, dim: int, inner: int, act: str):
+        super().__init__()
+        self.act = ACTIVATIONS[act]
+        self.fc1 = nn.Linear(dim, inner)
+        self.fc2 = nn.Linear(inner, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        dim, eps = config.hidden_size, config.layer_norm_eps
+        self.self_attn = CLIPAttention(dim, config.num_attention_heads)
+        self.layer_norm1 = LayerNorm32(dim, eps=eps)
+        self.mlp = CLIPMLP(dim, config.intermediate_size, config.hidden_act)
+        self.layer_norm2 = LayerNorm32(dim, eps=eps)
+
+    def forward(self, x, mask, mode: str, chunk_size: int):
+        x = x + self.self_attn(self.layer_norm1(x), mask, mode, chunk_size)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x, mask, mode: str, chunk_size: int) -> list[torch.Tensor]:
+        """Every layer's input and the last output: ``[x, layer1(x), …, layerN(…)]``."""
+        states = [x]
+        for layer in self.layers:
+            x = layer(x, mask, mode, chunk_size)
+            states.append(x)
+        return states
+
+
+def _check_mode(attention_mode: str, chunk_size: int) -> None:
+    check_attention(attention_mode)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+
+
+# --------------------------------------------------------------------------- vision
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        dim, patch = config.hidden_size, config.patch_size
+        self.class_embedding = nn.Parameter(torch.empty(dim))
+        self.patch_embedding = nn.Conv2d(config.num_channels, dim, patch, stride=patch, bias=False)
+        self.position_embedding = nn.Embedding((config.image_size // patch) ** 2 + 1, dim)
+
+    def forward(self, pixel_values):
+        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+
+
+class CLIPImageEncoder(nn.Module):
+    """``enc(pixel_values NCHW, output_hidden_states=True) -> dict``.
+
+    ``hidden_states[0]`` is ``pre_layrnorm(embeddings)``, ``[i]`` the output of layer i;
+    ``last_hidden_state`` is the last layer's output (no post_layernorm); ``pooler_output``
+    is ``post_layernorm`` of the class token; ``image_embeds`` its projection, when the
+    checkpoint has one.
+    """
+
+    def __init__(self, config: CLIPVisionConfig, projection: bool):
+        super().__init__()
+        self.config = config
+        dim, eps = config.hidden_size, config.layer_norm_eps
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = LayerNorm32(dim, eps=eps)
+        self.encoder = CLIPEncoder(config)
+        self.post_layernorm = LayerNorm32(dim, eps=eps)
+        self.visual_projection = nn.Linear(dim, config.projection_dim, bias=False) if projection else None
+        self.attention = "sdpa"
+        self.chunk_size = 1024
+
+    def forward(self, pixel_values, output_hidden_states: bool = True, attention: str | None = None) -> dict:
+        cfg = self.config
+        shape = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != shape:
+            raise InputError(f"pixel_values must have shape (B, {', '.join(map(str, shape))}); "
+                             f"got {tuple(pixel_values.shape)}")
+        mode = resolve_attention(attention or self.attention, pixel_values.device)
+        weight = self.embeddings.patch_embedding.weight
+        with torch.no_grad():
+            x = self.embeddings(pixel_values.to(device=weight.device, dtype=weight.dtype))
+            states = self.encoder(self.pre_layrnorm(x), None, mode, self.chunk_size)
+            last = states[-1]
+            pooled = self.post_layernorm(last[:, 0])
+            out = {"last_hidden_state": last, "pooler_output": pooled,
+                   "hidden_states": tuple(states) if output_hidden_states else None}
+            if self.visual_projection is not None:
+                out["image_embeds"] = self.visual_projection(pooled)
+        return out
+
+
+def load_image_encoder(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
+                       attention: str = "sdpa", chunk_size: int = 1024) -> CLIPImageEncoder:
+    """Build the CLIP vision tower of ``folder/config.json`` and load its weights strictly.
+
+    Files with and without the ``vision_model.`` prefix load; ``visual_projection`` is optional.
+    """
+    check_dtype(dtype)
+    _check_mode(attention, chunk_size)
+    config = CLIPVisionConfig.from_folder(folder)
+    _check_geometry(config, str(folder))
+    state = split_tower(load_state(folder), "vision_model.", "visual_projection.weight")
+    with torch.device("meta"):
+        model = CLIPImageEncoder(config, projection="visual_projection.weight" in state)
+    load_weights(model, state, str(folder), dtype=torch_dtype(dtype), device=device)
+    model.attention = attention
+    model.chunk_size = chunk_size
+    return model
+
+
+# --------------------------------------------------------------------------- text
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids):
+        return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+
+
+class CLIPTextEncoder(nn.Module):
+    """``enc(input_ids (B, L) int) -> dict``.
+
+    ``last_hidden_state`` is after ``final_layer_norm``; ``hidden_states`` are
+    ``[embeddings, layer1, …, layerN]``, all before it; ``pooler_output`` is the final state
+    at the EOS position (transformers' rule: with the legacy ``eos_token_id == 2`` the
+    position of the largest id, else the first position holding ``eos_token_id``);
+    ``text_embeds`` its projection, when the checkpoint has one.
+    """
+
+    def __init__(self, config: CLIPTextConfig, projection: bool):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.embeddings = CLIPTextEmbeddings(config)
+        self.encoder = CLIPEncoder(config)
+        self.final_layer_norm = LayerNorm32(dim, eps=config.layer_norm_eps)
+        self.text_projection = nn.Linear(dim, config.projection_dim, bias=False) if projection else None
+        self.attention = "sdpa"
+        self.chunk_size = 1024
+
+    def _check_ids(self, input_ids) -> torch.Tensor:
+        cfg = self.config
+        ids = torch.as_tensor(input_ids)
+        if ids.ndim != 2 or not (1 <= ids.shape[1] <= cfg.max_position_embeddings):
+            raise InputError(f"input_ids must have shape (B, L) with 1 <= L <= {cfg.max_position_embeddings}; "
+                             f"got {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InputError(f"input_ids must be integers; got {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+            raise InputError(f"input_ids must lie in [0, {cfg.vocab_size}); "
+                             f"got values from {int(ids.min())} to {int(ids.max())}")
+        return ids.to(device=self.embeddings.token_embedding.weight.device, dtype=torch.int64)
+
+    def eos_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Index of the pooled token per row; the first one where several qualify."""
+        if self.config.eos_token_id == 2:
+            hit = ids == ids.max(dim=-1, keepdim=True).values
+        else:
+            hit = ids == self.config.eos_token_id
+        n = ids.shape[1]
+        pos = torch.arange(n, device=ids.device).expand_as(ids)
+        first = torch.where(hit, pos, torch.full_like(pos, n)).min(dim=-1).values
+        # A row without the EOS id pools position 0, as transformers' argmax over all-False does.
+        return torch.where(first == n, torch.zeros_like(first), first)
+
+    def forward(self, input_ids, output_hidden_states: bool = True, attention: str | None = None) -> dict:
+        ids = self._check_ids(input_ids)
+        weight = self.embeddings.token_embedding.weight
+        mode = resolve_attention(attention or self.attention, weight.device)
+        n = ids.shape[1]
+        with torch.no_grad():
+            # The diagonal is always open, so -inf never makes a whole row of the softmax empty.
+            mask = torch.full((n, n), float("-inf"), dtype=weight.dtype, device=weight.device).triu_(1)
+            states = self.encoder(self.embeddings(ids), mask, mode, self.chunk_size)
+            last = self.final_layer_norm(states[-1])
+            pooled = last[torch.arange(ids.shape[0], device=ids.device), self.eos_positions(ids)]
+            out = {"last_hidden_state": last, "pooler_output": pooled,
+                   "hidden_states": tuple(states) if output_hidden_states else None}
+            if self.text_projection is not None:
+                out["text_embeds"] = self.text_projection(pooled)
+        return out
+
+
+def load_text_encoder(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
+                      attention: str = "sdpa", chunk_size: int = 1024) -> CLIPTextEncoder:
+    """Build the CLIP text tower of ``folder/config.json`` and load its weights strictly.
+
+    Files with and without the ``text_model.`` prefix load; ``text_projection`` is optional.
+    """
+    check_dtype(dtype)
+    _check_mode(attention, chunk_size)
+    config = CLIPTextConfig.from_folder(folder)
+    _check_geometry(config, str(folder))
+    state = split_tower(load_state(folder), "text_model.", "text_projection.weight")
+    with torch.device("meta"):
+        model = CLIPTextEncoder(config, projection="text_projection.weight" in state)
+    load_weights(model, state, str(folder), dtype=torch_dtype(dtype), device=device)
+    model.attention = attention
+    model.chunk_size = chunk_size
+    return model
