@@ -1,0 +1,491 @@
+"""The multi-view UNet of MVDream / ImageDream (``MultiViewUNetModel``) in PyTorch, NCHW.
+
+The module tree mirrors the published checkpoint's original LDM key names (``time_embed``,
+``camera_embed``, ``image_embed``, ``input_blocks``, ``middle_block``, ``output_blocks``,
+``out``), so the safetensors names are the parameter names and loading is strict.
+
+Numerics follow the reference: the timestep embedding is computed in float32, GroupNorm and
+LayerNorm run in float32, attention softmax runs in float32 (``common.attention``), and the
+self-attention of every transformer joins the tokens of all F views of a batch item.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oxigaf.checkpoints import load_state
+from oxigaf.config import UNetConfig, check_attention, check_dtype, check_positive_int
+from oxigaf.errors import InputError, ModelLoadError
+
+from .common import GroupNorm32, LayerNorm32, load_weights, resolve_attention, torch_dtype
+from .common import attention as scaled_attention
+
+# The reference hard-codes the IP-Adapter-Plus resampler's geometry (only its query count,
+# ``ip_dim``, and its width, ``context_dim``, come from the config).
+RESAMPLER_DEPTH = 4
+RESAMPLER_HEADS = 12
+RESAMPLER_DIM_HEAD = 64
+RESAMPLER_EMBEDDING_DIM = 1280  # CLIP ViT-H/14 hidden size
+RESAMPLER_FF_MULT = 4
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Per-call settings handed down to every attention layer."""
+
+    mode: str
+    chunk_size: int
+    ip_weight: float
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """``[cos, sin]`` of t·exp(−ln(max_period)·i/half), i < half, always in float32."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, _ = t.shape
+    return t.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def _merge(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; with ``ip_dim`` the last ``ip_dim`` context tokens (the resampled
+    image tokens) get their own keys/values and their own softmax, added with ``ip_weight``."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, ip_dim: int = 0):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.dim_head = dim_head
+        self.ip_dim = ip_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        if ip_dim > 0:
+            self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
+            self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
+        # index 1 is the reference's Dropout (identity at inference, no weights)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, call: _Call) -> torch.Tensor:
+        context = x if context is None else context
+        if self.ip_dim > 0:
+            context, context_ip = context[:, : -self.ip_dim], context[:, -self.ip_dim:]
+        scale = 1.0 / math.sqrt(self.dim_head)
+        q = _heads(self.to_q(x), self.heads)
+        k = _heads(self.to_k(context), self.heads)
+        v = _heads(self.to_v(context), self.heads)
+        out = scaled_attention(q, k, v, call.mode, scale=scale, chunk_size=call.chunk_size)
+        if self.ip_dim > 0:
+            k_ip = _heads(self.to_k_ip(context_ip), self.heads)
+            v_ip = _heads(self.to_v_ip(context_ip), self.heads)
+            out_ip = scaled_attention(q, k_ip, v_ip, call.mode, scale=scale, chunk_size=call.chunk_size)
+            out = out + call.ip_weight * out_ip
+        return self.to_out(_merge(out))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        # net.1 is the reference's Dropout slot
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock3D(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, ip_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, ip_dim=ip_dim)
+        self.norm1 = LayerNorm32(dim)
+        self.norm2 = LayerNorm32(dim)
+        self.norm3 = LayerNorm32(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int, call: _Call) -> torch.Tensor:
+        bf, n, c = x.shape
+        # Views are fastest in the batch, so (b·f, l, c) -> (b, f·l, c) is a plain reshape:
+        # the self-attention then sees every view's tokens (the cross-view attention).
+        x = x.reshape(bf // num_frames, num_frames * n, c)
+        x = self.attn1(self.norm1(x), None, call) + x
+        x = x.reshape(bf, n, c)
+        x = self.attn2(self.norm2(x), context, call) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer3D(nn.Module):
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int, ip_dim: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = GroupNorm32(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock3D(inner, heads, dim_head, context_dim, ip_dim) for _ in range(depth)]
+        )
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int, call: _Call) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        t = self.proj_in(t)
+        for block in self.transformer_blocks:
+            t = block(t, context, num_frames, call)
+        t = self.proj_out(t)
+        return t.reshape(b, h, w, c).permute(0, 3, 1, 2) + x
+
+
+# --------------------------------------------------------------------------- convolutional parts
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(
+            GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        # out_layers.2 is the reference's Dropout slot
+        self.out_layers = nn.Sequential(
+            GroupNorm32(32, out_channels), nn.SiLU(), nn.Identity(), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class CondSequential(nn.Sequential):
+    """A numbered stage: each child gets what it needs (emb for ResBlocks, context for transformers)."""
+
+    def forward(self, x, emb, context, num_frames: int, call: _Call):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer3D):
+                x = layer(x, context, num_frames, call)
+            else:
+                x = layer(x)
+        return x
+
+
+# --------------------------------------------------------------------------- image-prompt resampler
+
+
+class PerceiverAttention(nn.Module):
+    def __init__(self, dim: int, dim_head: int, heads: int):
+        super().__init__()
+        inner = dim_head * heads
+        self.heads = heads
+        self.dim_head = dim_head
+        self.norm1 = LayerNorm32(dim)
+        self.norm2 = LayerNorm32(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x)
+        latents = self.norm2(latents)
+        q = _heads(self.to_q(latents), self.heads)
+        k, v = self.to_kv(torch.cat([x, latents], dim=-2)).chunk(2, dim=-1)
+        k, v = _heads(k, self.heads), _heads(v, self.heads)
+        # q and k are each scaled by dim_head^-1/4 before the product, as the reference does to
+        # keep float16 scores in range; the softmax itself runs in float32 (naive path). The
+        # matrix is tiny (queries × (257 + queries)), so no other attention mode is worth it.
+        s = self.dim_head ** -0.25
+        out = scaled_attention(q * s, k * s, v, "naive", scale=1.0)
+        return self.to_out(_merge(out))
+
+
+class Resampler(nn.Module):
+    """IP-Adapter-Plus Perceiver resampler: CLIP hidden states -> ``num_queries`` context tokens."""
+
+    def __init__(self, dim: int, depth: int, dim_head: int, heads: int, num_queries: int, embedding_dim: int,
+                 output_dim: int, ff_mult: int):
+        super().__init__()
+        self.latents = nn.Parameter(torch.empty(1, num_queries, dim))
+        self.proj_in = nn.Linear(embedding_dim, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = LayerNorm32(output_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([
+                PerceiverAttention(dim, dim_head, heads),
+                nn.Sequential(LayerNorm32(dim), nn.Linear(dim, dim * ff_mult, bias=False), nn.GELU(),
+                              nn.Linear(dim * ff_mult, dim, bias=False)),
+            ])
+            for _ in range(depth)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.expand(x.shape[0], -1, -1)
+        x = self.proj_in(x)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+# --------------------------------------------------------------------------- the UNet
+
+
+class MultiViewUNet(nn.Module):
+    """``MultiViewUNetModel``: ``unet(x, timesteps, context, camera, num_frames, ip, ip_img) -> eps``."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        _check_geometry(c)
+        self.model_channels = c.model_channels
+        self.in_channels = c.in_channels
+        self.context_dim = c.context_dim
+        self.camera_dim = c.camera_dim
+        self.ip_dim = c.ip_dim
+        # call-time defaults; load_unet sets them, a call may override attention and ip_weight
+        self.attention = "sdpa"
+        self.chunk_size = 1024
+        self.ip_weight = c.ip_weight
+
+        emb_dim = c.model_channels * 4
+        if c.ip_dim > 0:
+            self.image_embed = Resampler(
+                dim=c.context_dim, depth=RESAMPLER_DEPTH, dim_head=RESAMPLER_DIM_HEAD, heads=RESAMPLER_HEADS,
+                num_queries=c.ip_dim, embedding_dim=RESAMPLER_EMBEDDING_DIM, output_dim=c.context_dim,
+                ff_mult=RESAMPLER_FF_MULT,
+            )
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.camera_dim is not None:
+            self.camera_embed = nn.Sequential(nn.Linear(c.camera_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(ch: int) -> SpatialTransformer3D:
+            heads, dim_head = c.heads_for(ch)
+            return SpatialTransformer3D(ch, heads, dim_head, c.context_dim, c.transformer_depth, c.ip_dim)
+
+        ch = c.model_channels
+        self.input_blocks = nn.ModuleList([CondSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]
+        ds = 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(CondSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(CondSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = CondSequential(ResBlock(ch, emb_dim), transformer(ch), ResBlock(ch, emb_dim))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, c.model_channels * mult)]
+                ch = c.model_channels * mult
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(CondSequential(*layers))
+
+        self.out = nn.Sequential(
+            GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
+        )
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.time_embed[0].weight.device
+
+    def _as(self, t, name: str) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise InputError(f"{name} must be a floating-point tensor; got {t.dtype}")
+        return t.to(device=self.device, dtype=self.dtype)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def forward(self, x, timesteps, context, camera=None, num_frames: int = 1, ip=None, ip_img=None, *,
+                attention: str | None = None, ip_weight: float | None = None) -> torch.Tensor:
+        """Noise prediction for every frame, NCHW, in the dtype of ``x``.
+
+        - ``x`` (B·F, C_in, h, w), views fastest (index b·F + f); never modified.
+        - ``timesteps`` (B·F,) or a scalar, integer or float.
+        - ``context`` (B·F, L, context_dim) text tokens.
+        - ``camera`` (B·F, camera_dim) or None (no camera embedding, as in the reference).
+        - ``ip`` (B·F, T, 1280) CLIP penultimate hidden states (ImageDream only, required there):
+          resampled here into ``ip_dim`` tokens appended after the text tokens.
+        - ``ip_img`` (B, c, h, w) clean reference latents: they replace frame F−1 of each group in
+          the model input (a copy). With c < C_in (extra conditioning channels concatenated by the
+          caller) only the first c channels of that frame are replaced. None: no replacement.
+        - ``attention`` overrides the model's attention mode for this call, ``ip_weight`` the
+          weight of the image-prompt attention (config default 1.0).
+        """
+        out_dtype = x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else self.dtype
+        x = self._as(x, "x")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise InputError(f"x must be (B·F, {self.in_channels}, h, w); got {tuple(x.shape)}")
+        n, _, h, w = x.shape
+        if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1 or n % num_frames:
+            raise InputError(f"num_frames must be a positive integer dividing the batch {n}; got {num_frames!r}")
+        depth = len(self.config.channel_mult) - 1
+        if h % (1 << depth) or w % (1 << depth):
+            raise InputError(f"latent height and width must be multiples of {1 << depth}; got {h}x{w}")
+        mode = resolve_attention(self.attention if attention is None else attention, self.device)
+        call = _Call(mode, self.chunk_size, float(self.ip_weight if ip_weight is None else ip_weight))
+
+        if not isinstance(timesteps, torch.Tensor):
+            timesteps = torch.tensor(timesteps)
+        timesteps = timesteps.to(self.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(n)
+        if timesteps.shape != (n,):
+            raise InputError(f"timesteps must be ({n},) or a scalar; got {tuple(timesteps.shape)}")
+
+        context = self._as(context, "context")
+        if context.ndim != 3 or context.shape[0] != n or context.shape[2] != self.context_dim:
+            raise InputError(f"context must be ({n}, L, {self.context_dim}); got {tuple(context.shape)}")
+
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.dtype))
+        if camera is not None:
+            if self.camera_dim is None:
+                raise InputError("this UNet has no camera embedding; pass camera=None")
+            camera = self._as(camera, "camera")
+            if camera.shape != (n, self.camera_dim):
+                raise InputError(f"camera must be ({n}, {self.camera_dim}); got {tuple(camera.shape)}")
+            emb = emb + self.camera_embed(camera)
+
+        if self.ip_dim > 0:
+            if ip is None:
+                raise InputError("ImageDream UNet needs ip (CLIP hidden states, (B·F, 257, 1280))")
+            ip = self._as(ip, "ip")
+            if ip.ndim != 3 or ip.shape[0] != n or ip.shape[2] != RESAMPLER_EMBEDDING_DIM:
+                raise InputError(f"ip must be ({n}, T, {RESAMPLER_EMBEDDING_DIM}); got {tuple(ip.shape)}")
+            context = torch.cat([context, self.image_embed(ip)], dim=1)
+            if ip_img is not None:
+                x = self._place_reference(x, self._as(ip_img, "ip_img"), num_frames)
+        elif ip is not None or ip_img is not None:
+            raise InputError("this UNet has no image-prompt path (ip_dim 0); pass ip=None and ip_img=None")
+
+        hs = []
+        hcur = x
+        for block in self.input_blocks:
+            hcur = block(hcur, emb, context, num_frames, call)
+            hs.append(hcur)
+        hcur = self.middle_block(hcur, emb, context, num_frames, call)
+        for block in self.output_blocks:
+            hcur = block(torch.cat([hcur, hs.pop()], dim=1), emb, context, num_frames, call)
+        return self.out(hcur).to(out_dtype)
+
+    def _place_reference(self, x: torch.Tensor, ref: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x with frame F−1 of every group replaced by the reference latent (out of place)."""
+        n, c, h, w = x.shape
+        batch = n // num_frames
+        if ref.ndim != 4 or ref.shape[0] != batch or ref.shape[2:] != (h, w) or ref.shape[1] > c:
+            raise InputError(f"ip_img must be ({batch}, <= {c}, {h}, {w}); got {tuple(ref.shape)}")
+        groups = x.reshape(batch, num_frames, c, h, w)
+        last = groups[:, -1]
+        if ref.shape[1] < c:
+            ref = torch.cat([ref, last[:, ref.shape[1]:]], dim=1)
+        return torch.cat([groups[:, :-1], ref[:, None]], dim=1).reshape(n, c, h, w)
+
+
+def _check_geometry(c: UNetConfig) -> None:
+    where = c.source or "UNet config"
+    if c.ip_dim < 0:
+        raise ModelLoadError(f"{where}: ip_dim must be >= 0; got {c.ip_dim}")
+    for mult in c.channel_mult:
+        ch = mult * c.model_channels
+        if ch % 32:
+            raise ModelLoadError(f"{where}: channel width {ch} is not a multiple of GroupNorm's 32 groups")
+        heads, dim_head = c.heads_for(ch)
+        if heads < 1 or dim_head < 1 or heads * dim_head != ch:
+            raise ModelLoadError(f"{where}: {ch} channels do not split into attention heads "
+                                 f"(num_heads {c.num_heads}, num_head_channels {c.num_head_channels})")
+
+
+def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
+              attention: str = "auto", chunk_size: int = 1024) -> MultiViewUNet:
+    """Build the UNet described by ``folder/config.json`` and load its weights strictly.
+
+    ``dtype`` is the compute dtype (float32, float16 or bfloat16; files may hold any of them);
+    ``attention`` the default mode (auto | sdpa | chunked | naive), ``chunk_size`` the query
+    block of the chunked mode.
+    """
+    check_dtype(dtype)
+    check_attention(attention)
+    check_positive_int(chunk_size, "chunk_size")
+    config = UNetConfig.from_folder(folder)
+    with torch.device("meta"):
+        model = MultiViewUNet(config)
+    load_weights(model, load_state(folder), str(folder), dtype=torch_dtype(dtype), device=device)
+    model.attention = attention
+    model.chunk_size = chunk_size
+    return model
