@@ -333,4 +333,6 @@ class UpsamplerUNetConfig(_ModelConfig):
     norm_num_groups: int | None = None
     resnet_time_scale_shift: str = "default"
     sample_size: int = 64
+    norm_eps: float = 1e-5
+    time_embedding_dim: int | None = None
     source: str = ""
