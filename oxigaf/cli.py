@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             args.image = args.image or str(bundled_portrait())
             print("demo: tiny random-weight model — the views are noise; this shows the whole path runs.",
                   file=sys.stderr)
-            return _generate(args, str(model), args.upsampler or str(upsampler))
+            return _generate(args, str(model), str(upsampler))
         upsampler = None if args.upsampler in (None, "none") else args.upsampler
         return _generate(args, args.model, upsampler)
     except OxigafError as exc:

@@ -233,7 +233,8 @@ class Pipeline:
         """Generate views. A list of images is a batch: a list of outputs comes back, item i
         identical to running it alone with ``seed + i``."""
         cfg = self.config
-        steps = check_positive_int(num_inference_steps or cfg.num_inference_steps, "num_inference_steps")
+        steps = check_positive_int(cfg.num_inference_steps if num_inference_steps is None else num_inference_steps,
+                                   "num_inference_steps")
         if steps > self.scheduler.num_train_timesteps:
             raise ConfigError(f"num_inference_steps must be <= {self.scheduler.num_train_timesteps}; got {steps}")
         guidance = check_guidance(cfg.guidance_scale if guidance_scale is None else guidance_scale)

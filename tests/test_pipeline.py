@@ -54,16 +54,14 @@ def test_e2e_views_equal_reference(e2e_out):
 
 
 def test_e2e_depends_on_cameras_and_guidance(e2e_pipe, e2e_out):
-    # Proof the comparison above can fail: the public-vs-raw azimuth offset and guidance matter.
+    # Proof the comparison above can fail: getting the public-vs-raw azimuth offset or the
+    # guidance wrong puts the result outside the tolerance.
     raw = [CameraParams(a, 0.0) for a in (0.0, 90.0, 180.0, 270.0)]
-    moved = e2e_pipe.generate(E2E / "input.png", cameras=raw, latents=EXPECTED["initial_noise"],
-                              num_inference_steps=2, progress=False)
-    same = e2e_pipe.generate(E2E / "input.png", cameras=E2E_CAMERAS, latents=EXPECTED["initial_noise"],
-                             num_inference_steps=2, progress=False)
-    assert rel_l2(moved.latents, same.latents) > 1e-3
+    moved = e2e_pipe.generate(E2E / "input.png", cameras=raw, latents=EXPECTED["initial_noise"], progress=False)
+    assert rel_l2(moved.latents, EXPECTED["final_latents"][:4]) > 1e-4
     unguided = e2e_pipe.generate(E2E / "input.png", cameras=E2E_CAMERAS, latents=EXPECTED["initial_noise"],
-                                 num_inference_steps=2, guidance_scale=1.0, progress=False)
-    assert rel_l2(unguided.latents, same.latents) > 1e-3
+                                 guidance_scale=1.0, progress=False)
+    assert rel_l2(unguided.latents, EXPECTED["final_latents"][:4]) > 1e-4
 
 
 def test_latents_without_reference_slot(e2e_pipe, e2e_out):

@@ -46,9 +46,24 @@ def load_weights(module: nn.Module, state: Mapping[str, np.ndarray], where: str,
     return module
 
 
+class GroupNorm(nn.GroupNorm):
+    """PyTorch-compatible GroupNorm (NHWC) that centres each group first.
+
+    ``mx.fast.layer_norm`` under MLX's GroupNorm loses precision when a group's mean is large
+    against its spread (5e-5 relative for mean 51, std 0.08, as in the reference UNet
+    fixture); subtracting the group mean first makes it exact to float32 rounding.
+    """
+
+    def __call__(self, x):
+        b, c = x.shape[0], x.shape[-1]
+        g = x.reshape(b, -1, self.num_groups, c // self.num_groups)
+        g = g - g.mean(axis=(1, 3), keepdims=True)
+        return super().__call__(g.reshape(x.shape))
+
+
 def group_norm(num_groups: int, dims: int, eps: float, affine: bool = True) -> nn.GroupNorm:
     # pytorch_compatible=True: MLX's default grouping differs from PyTorch's (order-1 errors).
-    return nn.GroupNorm(num_groups, dims, eps=eps, affine=affine, pytorch_compatible=True)
+    return GroupNorm(num_groups, dims, eps=eps, affine=affine, pytorch_compatible=True)
 
 
 def norm32(norm: nn.Module, x: mx.array) -> mx.array:

@@ -43,12 +43,21 @@ def load_weights(module: nn.Module, state: Mapping[str, np.ndarray], where: str,
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the activation dtype (as the reference does)."""
+    """GroupNorm computed in float32 whatever the activation dtype (as the reference does).
+
+    Each group is centred before ``F.group_norm``: torch's CPU kernel takes the variance as
+    E[x²] − E[x]², which cancels catastrophically when a group's mean is large against its
+    spread (mean 51, std 0.08 in the reference UNet fixture: 0.3 % off after one norm, 3e-5
+    at the UNet's output). Centred, the kernel's variance is exact to float32 rounding.
+    """
 
     def forward(self, x):
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        xf = x.float()
+        groups = xf.reshape(xf.shape[0], self.num_groups, -1)
+        centred = (groups - groups.mean(dim=-1, keepdim=True)).reshape(xf.shape)
+        return F.group_norm(centred, self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 class LayerNorm32(nn.LayerNorm):

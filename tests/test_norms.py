@@ -1,0 +1,41 @@
+"""GroupNorm accuracy where torch's CPU kernel cancels: groups with a large mean and small spread."""
+
+import numpy as np
+import pytest
+
+from conftest import BACKENDS, rel_l2
+
+
+def _reference(x: np.ndarray, groups: int, eps: float) -> np.ndarray:
+    g = x.astype(np.float64).reshape(x.shape[0], groups, -1)
+    g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)
+    return g.reshape(x.shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_is_exact_for_large_mean_groups(backend):
+    rng = np.random.default_rng(0)
+    x = (51.0 + 0.08 * rng.standard_normal((2, 8, 6, 6))).astype(np.float32)  # as in the UNet fixture
+    want = _reference(x, 4, 1e-5)
+    if backend == "torch":
+        import torch
+
+        from oxigaf_torch.common import GroupNorm32
+
+        gn = GroupNorm32(4, 8, eps=1e-5)
+        got = gn(torch.from_numpy(x)).detach().numpy()
+        plain = torch.nn.functional.group_norm(torch.from_numpy(x), 4, eps=1e-5).numpy()
+        assert rel_l2(plain, want) > 1e-5  # the cancellation this guards against is real
+    else:
+        import mlx.core as mx
+
+        from oxigaf_mlx.common import group_norm
+
+        gn = group_norm(4, 8, 1e-5)
+        import mlx.nn as nn
+
+        nhwc = mx.array(x.transpose(0, 2, 3, 1))
+        got = np.array(gn(nhwc)).transpose(0, 3, 1, 2)
+        plain = np.array(nn.GroupNorm(4, 8, eps=1e-5, pytorch_compatible=True)(nhwc)).transpose(0, 3, 1, 2)
+        assert rel_l2(plain, want) > 1e-5
+    assert rel_l2(got, want) <= 1e-6
