@@ -50,14 +50,17 @@ def test_use_flash_attention_false_means_naive_under_auto():
 
 
 def test_frozen():
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         DiffusionConfig().num_views = 8
     assert DiffusionConfig().replace(num_views=8).num_views == 8
 
 
 def test_real_configs_read():
     u = UNetConfig.from_folder(CHECKPOINTS / "imagedream-unet")
-    assert (u.model_channels, u.channel_mult, u.ip_dim, u.context_dim, u.camera_dim) == (320, (1, 2, 4, 4), 16, 1024, 16)
+    assert (u.model_channels, u.channel_mult, u.ip_dim) == (320, (1, 2, 4, 4), 16)
+    assert (u.context_dim, u.camera_dim) == (1024, 16)
     assert u.heads_for(1280) == (20, 64)
     assert UNetConfig.from_folder(CHECKPOINTS / "mvdream-unet").ip_dim == 0
     v = VAEConfig.from_folder(CHECKPOINTS / "sd21-vae")
