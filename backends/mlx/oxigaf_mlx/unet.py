@@ -1,0 +1,492 @@
+"""The multi-view UNet of MVDream / ImageDream (``MultiViewUNetModel``) in MLX.
+
+The module tree mirrors the published checkpoint's original LDM key names (``time_embed``,
+``camera_embed``, ``image_embed``, ``input_blocks``, ``middle_block``, ``output_blocks``,
+``out``): numbered children are plain Python lists, and parameter-free slots (SiLU, dropout,
+GELU) hold placeholder modules so the indices match. Loading is therefore strict by name.
+
+Arrays are NCHW at the call interface and NHWC inside. Numerics follow the reference: the
+timestep embedding is computed in float32, GroupNorm and LayerNorm run in float32, attention
+softmax runs in float32 (``common.attention``), and the self-attention of every transformer
+joins the tokens of all F views of a batch item (the cross-view attention).
+
+Everything stays lazy: one ``mx.eval`` by the caller per denoising step evaluates the whole
+graph (only the chunked attention mode evaluates its query blocks as it goes, to bound memory).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from oxigaf.checkpoints import load_state
+from oxigaf.config import UNetConfig, check_attention, check_dtype, check_positive_int
+from oxigaf.errors import InputError, ModelLoadError
+
+from .common import (
+    attention,
+    group_norm,
+    load_weights,
+    mlx_dtype,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    norm32,
+    resolve_attention,
+)
+
+# The reference hard-codes the IP-Adapter-Plus resampler's geometry (only its query count,
+# ``ip_dim``, and its width, ``context_dim``, come from the config).
+RESAMPLER_DEPTH = 4
+RESAMPLER_HEADS = 12
+RESAMPLER_DIM_HEAD = 64
+RESAMPLER_EMBEDDING_DIM = 1280  # CLIP ViT-H/14 hidden size
+RESAMPLER_FF_MULT = 4
+
+GROUPS = 32
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Per-call settings handed down to every attention layer (so a call never mutates the model)."""
+
+    mode: str
+    chunk_size: int
+    ip_weight: float
+
+
+def timestep_embedding(timesteps: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
+    """``[cos, sin]`` of t·exp(−ln(max_period)·i/half), i < half, always in float32."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    args = timesteps.astype(mx.float32)[:, None] * freqs[None]
+    emb = mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+    if dim % 2:
+        emb = mx.concatenate([emb, mx.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _heads(t: mx.array, heads: int) -> mx.array:
+    b, n, _ = t.shape
+    return t.reshape(b, n, heads, -1).transpose(0, 2, 1, 3)
+
+
+def _merge(t: mx.array) -> mx.array:
+    b, h, n, d = t.shape
+    return t.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; with ``ip_dim`` > 0 the last ``ip_dim`` context tokens are image
+    tokens with their own keys/values, attended separately and added with ``ip_weight``."""
+
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, ip_dim: int = 0):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.ip_dim = ip_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        if ip_dim > 0:
+            self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
+            self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = [nn.Linear(inner, query_dim), nn.Dropout(0.0)]
+
+    def __call__(self, x: mx.array, context: mx.array | None, call: _Call) -> mx.array:
+        context = x if context is None else context
+        q = _heads(self.to_q(x), self.heads)
+        if self.ip_dim > 0:
+            image = context[:, -self.ip_dim:]
+            context = context[:, : context.shape[1] - self.ip_dim]
+        k = _heads(self.to_k(context), self.heads)
+        v = _heads(self.to_v(context), self.heads)
+        out = attention(q, k, v, call.mode, chunk_size=call.chunk_size)
+        if self.ip_dim > 0:
+            k_ip = _heads(self.to_k_ip(image), self.heads)
+            v_ip = _heads(self.to_v_ip(image), self.heads)
+            out = out + call.ip_weight * attention(q, k_ip, v_ip, call.mode, chunk_size=call.chunk_size)
+        return self.to_out[0](_merge(out))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def __call__(self, x):
+        h, gate = mx.split(self.proj(x), 2, axis=-1)
+        return h * nn.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = [GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)]
+
+    def __call__(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock3D(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, ip_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, ip_dim=ip_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def __call__(self, x: mx.array, context: mx.array, num_frames: int, call: _Call) -> mx.array:
+        n, length, c = x.shape
+        # (b·f, l, c) -> (b, f·l, c): self-attention over the tokens of all views together.
+        x = x.reshape(n // num_frames, num_frames * length, c)
+        x = self.attn1(norm32(self.norm1, x), None, call) + x
+        x = x.reshape(n, length, c)
+        x = self.attn2(norm32(self.norm2, x), context, call) + x
+        return self.ff(norm32(self.norm3, x)) + x
+
+
+class SpatialTransformer3D(nn.Module):
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int, ip_dim: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = group_norm(GROUPS, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = [
+            BasicTransformerBlock3D(inner, heads, dim_head, context_dim, ip_dim) for _ in range(depth)
+        ]
+        self.proj_out = nn.Linear(inner, channels)
+
+    def __call__(self, x: mx.array, context: mx.array, num_frames: int, call: _Call) -> mx.array:
+        n, h, w, c = x.shape
+        # NHWC flattened to (n, h·w, c) is PyTorch's "b c h w -> b (h w) c" token order.
+        t = self.proj_in(norm32(self.norm, x).reshape(n, h * w, c))
+        for block in self.transformer_blocks:
+            t = block(t, context, num_frames, call)
+        return self.proj_out(t).reshape(n, h, w, -1) + x
+
+
+# --------------------------------------------------------------------------- convolutional blocks
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = [group_norm(GROUPS, channels, eps=1e-5), nn.SiLU(),
+                          nn.Conv2d(channels, out_channels, 3, padding=1)]
+        self.emb_layers = [nn.SiLU(), nn.Linear(emb_channels, out_channels)]
+        self.out_layers = [group_norm(GROUPS, out_channels, eps=1e-5), nn.SiLU(), nn.Dropout(0.0),
+                           nn.Conv2d(out_channels, out_channels, 3, padding=1)]
+        if out_channels != channels:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def __call__(self, x: mx.array, emb: mx.array) -> mx.array:
+        h = self.in_layers[2](nn.silu(norm32(self.in_layers[0], x)))
+        h = h + self.emb_layers[1](nn.silu(emb))[:, None, None, :]
+        h = self.out_layers[3](nn.silu(norm32(self.out_layers[0], h)))
+        skip = self.skip_connection(x) if "skip_connection" in self else x
+        return skip + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def __call__(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        # Nearest ×2 in NHWC: every pixel repeated along both spatial axes.
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c)).reshape(n, 2 * h, 2 * w, c)
+        return self.conv(x)
+
+
+def _run_block(layers: list, h: mx.array, emb: mx.array, context: mx.array, num_frames: int, call: _Call):
+    """One numbered block of the LDM UNet (its ``CondSequential``): each layer gets what it takes."""
+    for layer in layers:
+        if isinstance(layer, ResBlock):
+            h = layer(h, emb)
+        elif isinstance(layer, SpatialTransformer3D):
+            h = layer(h, context, num_frames, call)
+        else:
+            h = layer(h)
+    return h
+
+
+# --------------------------------------------------------------------------- image-prompt resampler
+
+
+class PerceiverAttention(nn.Module):
+    def __init__(self, dim: int, dim_head: int, heads: int):
+        super().__init__()
+        inner = dim_head * heads
+        self.heads = heads
+        self.dim_head = dim_head
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def __call__(self, x: mx.array, latents: mx.array, call: _Call) -> mx.array:
+        x = norm32(self.norm1, x)
+        latents = norm32(self.norm2, latents)
+        q = _heads(self.to_q(latents), self.heads)
+        k, v = mx.split(self.to_kv(mx.concatenate([x, latents], axis=-2)), 2, axis=-1)
+        # The reference scales q and k by dim_head^-1/4 each before the product (gentler on float16).
+        s = 1.0 / math.sqrt(math.sqrt(self.dim_head))
+        out = attention(q * s, _heads(k, self.heads) * s, _heads(v, self.heads), call.mode, scale=1.0,
+                        chunk_size=call.chunk_size)
+        return self.to_out(_merge(out))
+
+
+class Resampler(nn.Module):
+    """IP-Adapter-Plus Perceiver resampler: CLIP hidden states -> ``num_queries`` context tokens."""
+
+    def __init__(self, dim: int, depth: int, dim_head: int, heads: int, num_queries: int, embedding_dim: int,
+                 output_dim: int, ff_mult: int):
+        super().__init__()
+        self.latents = mx.zeros((1, num_queries, dim))
+        self.proj_in = nn.Linear(embedding_dim, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = [
+            [PerceiverAttention(dim, dim_head, heads),
+             [nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult, bias=False), nn.GELU(),
+              nn.Linear(dim * ff_mult, dim, bias=False)]]
+            for _ in range(depth)
+        ]
+
+    def __call__(self, x: mx.array, call: _Call) -> mx.array:
+        latents = mx.broadcast_to(self.latents, (x.shape[0], *self.latents.shape[1:]))
+        x = self.proj_in(x)
+        for attn, ff in self.layers:
+            latents = attn(x, latents, call) + latents
+            latents = ff[3](nn.gelu(ff[1](norm32(ff[0], latents)))) + latents
+        return norm32(self.norm_out, self.proj_out(latents))
+
+
+# --------------------------------------------------------------------------- the UNet
+
+
+class MultiViewUNet(nn.Module):
+    """``MultiViewUNetModel``: SD-2.1-style UNet with camera embedding, 3D self-attention and,
+    when ``ip_dim`` > 0 (ImageDream), the image-prompt resampler and reference-latent slot."""
+
+    def __init__(self, config: UNetConfig, *, attention: str = "auto", chunk_size: int = 1024):
+        super().__init__()
+        c = config
+        self.config = c
+        self.attention = attention
+        self.chunk_size = chunk_size
+        self.in_channels = c.in_channels
+        self.model_channels = c.model_channels
+        self.context_dim = c.context_dim
+        self.camera_dim = c.camera_dim
+        self.ip_dim = c.ip_dim
+        self.ip_weight = c.ip_weight
+        emb_dim = c.model_channels * 4
+
+        if c.ip_dim > 0:
+            self.image_embed = Resampler(
+                dim=c.context_dim, depth=RESAMPLER_DEPTH, dim_head=RESAMPLER_DIM_HEAD, heads=RESAMPLER_HEADS,
+                num_queries=c.ip_dim, embedding_dim=RESAMPLER_EMBEDDING_DIM, output_dim=c.context_dim,
+                ff_mult=RESAMPLER_FF_MULT,
+            )
+        self.time_embed = [nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)]
+        if c.camera_dim is not None:
+            self.camera_embed = [nn.Linear(c.camera_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)]
+
+        def transformer(ch: int) -> SpatialTransformer3D:
+            heads, dim_head = c.heads_for(ch)
+            return SpatialTransformer3D(ch, heads, dim_head, c.context_dim, c.transformer_depth, c.ip_dim)
+
+        self.input_blocks = [[nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)]]
+        skip_channels = [c.model_channels]
+        ch = c.model_channels
+        ds = 1
+        last = len(c.channel_mult) - 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(layers)
+                skip_channels.append(ch)
+            if level != last:
+                self.input_blocks.append([Downsample(ch)])
+                skip_channels.append(ch)
+                ds *= 2
+
+        # The middle block always has a transformer, whatever attention_resolutions says.
+        self.middle_block = [ResBlock(ch, emb_dim), transformer(ch), ResBlock(ch, emb_dim)]
+
+        self.output_blocks = []
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, c.model_channels * mult)]
+                ch = c.model_channels * mult
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(layers)
+
+        self.out = [group_norm(GROUPS, ch, eps=1e-5), nn.SiLU(),
+                    nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)]
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.time_embed[0].weight.dtype
+
+    def _as(self, t, name: str) -> mx.array:
+        if isinstance(t, np.ndarray):
+            t = mx.array(t)
+        if not isinstance(t, mx.array):
+            raise InputError(f"{name} must be an mx.array; got {type(t).__name__}")
+        if not mx.issubdtype(t.dtype, mx.floating):
+            raise InputError(f"{name} must be a floating-point array; got {t.dtype}")
+        return t.astype(self.dtype)
+
+    def __call__(self, x, timesteps, context, camera=None, num_frames: int = 1, ip=None, ip_img=None, *,
+                 attention: str | None = None, ip_weight: float | None = None) -> mx.array:
+        """Noise prediction for every frame, NCHW, in the dtype of ``x``.
+
+        - ``x`` (B·F, C_in, h, w), views fastest (index b·F + f); never modified.
+        - ``timesteps`` (B·F,) or a scalar, integer or float.
+        - ``context`` (B·F, L, context_dim) text tokens.
+        - ``camera`` (B·F, camera_dim) or None (no camera embedding, as in the reference).
+        - ``ip`` (B·F, T, 1280) CLIP penultimate hidden states (ImageDream only, required there):
+          resampled here into ``ip_dim`` tokens appended after the text tokens.
+        - ``ip_img`` (B, c, h, w) clean reference latents: they replace frame F−1 of each group in
+          the model input (a new array). With c < C_in (extra conditioning channels concatenated by
+          the caller) only the first c channels of that frame are replaced. None: no replacement.
+        - ``attention`` overrides the model's attention mode for this call, ``ip_weight`` the
+          weight of the image-prompt attention (config default 1.0).
+        """
+        out_dtype = x.dtype if isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.floating) else self.dtype
+        x = self._as(x, "x")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise InputError(f"x must be (B·F, {self.in_channels}, h, w); got {tuple(x.shape)}")
+        n, _, h, w = x.shape
+        if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1 or n % num_frames:
+            raise InputError(f"num_frames must be a positive integer dividing the batch {n}; got {num_frames!r}")
+        depth = len(self.config.channel_mult) - 1
+        if h % (1 << depth) or w % (1 << depth):
+            raise InputError(f"latent height and width must be multiples of {1 << depth}; got {h}x{w}")
+        mode = resolve_attention(self.attention if attention is None else attention)
+        call = _Call(mode, self.chunk_size, float(self.ip_weight if ip_weight is None else ip_weight))
+
+        if not isinstance(timesteps, mx.array):
+            timesteps = mx.array(np.asarray(timesteps))
+        if timesteps.ndim == 0:
+            timesteps = mx.broadcast_to(timesteps, (n,))
+        if tuple(timesteps.shape) != (n,):
+            raise InputError(f"timesteps must be ({n},) or a scalar; got {tuple(timesteps.shape)}")
+
+        context = self._as(context, "context")
+        if context.ndim != 3 or context.shape[0] != n or context.shape[2] != self.context_dim:
+            raise InputError(f"context must be ({n}, L, {self.context_dim}); got {tuple(context.shape)}")
+
+        emb = _mlp(self.time_embed, timestep_embedding(timesteps, self.model_channels).astype(self.dtype))
+        if camera is not None:
+            if self.camera_dim is None:
+                raise InputError("this UNet has no camera embedding; pass camera=None")
+            camera = self._as(camera, "camera")
+            if tuple(camera.shape) != (n, self.camera_dim):
+                raise InputError(f"camera must be ({n}, {self.camera_dim}); got {tuple(camera.shape)}")
+            emb = emb + _mlp(self.camera_embed, camera)
+
+        if self.ip_dim > 0:
+            if ip is None:
+                raise InputError(
+                    f"ImageDream UNet needs ip (CLIP hidden states, (B·F, 257, {RESAMPLER_EMBEDDING_DIM}))"
+                )
+            ip = self._as(ip, "ip")
+            if ip.ndim != 3 or ip.shape[0] != n or ip.shape[2] != RESAMPLER_EMBEDDING_DIM:
+                raise InputError(f"ip must be ({n}, T, {RESAMPLER_EMBEDDING_DIM}); got {tuple(ip.shape)}")
+            context = mx.concatenate([context, self.image_embed(ip, call)], axis=1)
+            if ip_img is not None:
+                x = self._place_reference(x, self._as(ip_img, "ip_img"), num_frames)
+        elif ip is not None or ip_img is not None:
+            raise InputError("this UNet has no image-prompt path (ip_dim 0); pass ip=None and ip_img=None")
+
+        hs = []
+        hcur = nchw_to_nhwc(x)
+        for block in self.input_blocks:
+            hcur = _run_block(block, hcur, emb, context, num_frames, call)
+            hs.append(hcur)
+        hcur = _run_block(self.middle_block, hcur, emb, context, num_frames, call)
+        for block in self.output_blocks:
+            hcur = _run_block(block, mx.concatenate([hcur, hs.pop()], axis=-1), emb, context, num_frames, call)
+        out = self.out[2](nn.silu(norm32(self.out[0], hcur)))
+        return nhwc_to_nchw(out).astype(out_dtype)
+
+    def _place_reference(self, x: mx.array, ref: mx.array, num_frames: int) -> mx.array:
+        """x with frame F−1 of every group replaced by the reference latent (a new array)."""
+        n, c, h, w = x.shape
+        batch = n // num_frames
+        if ref.ndim != 4 or ref.shape[0] != batch or tuple(ref.shape[2:]) != (h, w) or ref.shape[1] > c:
+            raise InputError(f"ip_img must be ({batch}, <= {c}, {h}, {w}); got {tuple(ref.shape)}")
+        groups = x.reshape(batch, num_frames, c, h, w)
+        if ref.shape[1] < c:
+            ref = mx.concatenate([ref, groups[:, -1, ref.shape[1]:]], axis=1)
+        return mx.concatenate([groups[:, :-1], ref[:, None]], axis=1).reshape(n, c, h, w)
+
+
+def _mlp(layers: list, x: mx.array) -> mx.array:
+    """``time_embed`` / ``camera_embed``: Linear, SiLU, Linear."""
+    return layers[2](nn.silu(layers[0](x)))
+
+
+def _check_geometry(c: UNetConfig) -> None:
+    where = c.source or "UNet config"
+    if c.ip_dim < 0:
+        raise ModelLoadError(f"{where}: ip_dim must be >= 0; got {c.ip_dim}")
+    for mult in c.channel_mult:
+        ch = mult * c.model_channels
+        if ch % GROUPS:
+            raise ModelLoadError(f"{where}: channel width {ch} is not a multiple of GroupNorm's {GROUPS} groups")
+        heads, dim_head = c.heads_for(ch)
+        if heads < 1 or dim_head < 1 or heads * dim_head != ch:
+            raise ModelLoadError(f"{where}: {ch} channels do not split into attention heads "
+                                 f"(num_heads {c.num_heads}, num_head_channels {c.num_head_channels})")
+
+
+def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", attention: str = "auto",
+              chunk_size: int = 1024) -> MultiViewUNet:
+    """Build the UNet described by ``folder/config.json`` and load its weights strictly.
+
+    ``dtype`` is the compute dtype (float32, float16 or bfloat16; files may hold any of them);
+    ``attention`` the default mode (auto | sdpa | chunked | naive), ``chunk_size`` the query
+    block of the chunked mode.
+    """
+    check_dtype(dtype)
+    check_attention(attention)
+    check_positive_int(chunk_size, "chunk_size")
+    config = UNetConfig.from_folder(folder)
+    _check_geometry(config)
+    model = MultiViewUNet(config, attention=attention, chunk_size=chunk_size)
+    return load_weights(model, load_state(folder), str(folder), dtype=mlx_dtype(dtype))
