@@ -105,6 +105,16 @@ def test_same_seed_same_views_across_backends():
     assert np.abs(outs[0].images - outs[1].images).max() <= 2e-3
 
 
+def test_low_memory_releases_models_and_changes_nothing(pipe):
+    lean = Pipeline(E2E / "model", backend=BACKENDS[0], config=E2E_CONFIG.replace(low_memory=True))
+    kw = dict(num_inference_steps=2, seed=3, progress=False)
+    out = lean.generate(E2E / "input.png", **kw)
+    assert not lean._models  # encoders, UNet and VAE all released after the run
+    assert rel_l2(out.latents, pipe.generate(E2E / "input.png", **kw).latents) <= 1e-6
+    again = lean.generate(E2E / "input.png", **kw)  # reloaded on demand
+    assert rel_l2(again.latents, out.latents) <= 1e-6
+
+
 def test_callback_sees_every_step(pipe):
     seen = []
     pipe.generate(E2E / "input.png", num_inference_steps=3, progress=False,
