@@ -118,6 +118,8 @@ def as_cameras(cameras, num_views: int | None = None, elevation: float = 0.0) ->
     """Accept ``None`` (default orbit), CameraParams, (az, el[, dist]) tuples or bare azimuths."""
     if cameras is None:
         return default_cameras(num_views or 4, elevation)
+    if isinstance(cameras, (str, bytes, dict, CameraParams)) or not hasattr(cameras, "__iter__"):
+        raise InputError(f"cameras must be a list of cameras or azimuths; got {cameras!r}")
     out = []
     for i, cam in enumerate(cameras):
         if isinstance(cam, CameraParams):
@@ -127,6 +129,11 @@ def as_cameras(cameras, num_views: int | None = None, elevation: float = 0.0) ->
         elif isinstance(cam, (tuple, list)) and 1 <= len(cam) <= 3:
             out.append(CameraParams(*cam))
         elif isinstance(cam, dict):
+            unknown = sorted(set(cam) - {"azimuth", "elevation", "distance"})
+            if unknown or "azimuth" not in cam:
+                raise InputError(
+                    f"camera {i} must have the keys azimuth[, elevation, distance]; got {sorted(cam)}"
+                )
             out.append(CameraParams(**cam))
         else:
             raise InputError(

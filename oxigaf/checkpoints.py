@@ -8,6 +8,7 @@ float32 on read; float16 and float32 stay as stored. Backends convert to their c
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -122,45 +123,90 @@ def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+def _header_ints(value, count: int | None) -> tuple[int, ...] | None:
+    """A header list of non-negative integers (``count`` of them if given), else None."""
+    if not isinstance(value, list) or (count is not None and len(value) != count):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    return tuple(value)
+
+
+def _read_header(path: Path) -> tuple[list[tuple], int, int]:
+    """The checked entries ``(name, dtype name, numpy dtype, shape, begin, end)`` of a safetensors
+    file, the offset of its data and the data's size. Reads the header only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelLoadError(f"not a safetensors file (too short): {path}")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > _MAX_HEADER or 8 + n > size:
+                raise ModelLoadError(f"not a safetensors file or truncated (header size {n}): {path}")
+            raw = f.read(n)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read weights file {path}: {exc}") from exc
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad encoding, absurd nesting
+        raise ModelLoadError(f"corrupt safetensors header in {path}: {type(exc).__name__}") from exc
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"corrupt safetensors header in {path}")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    entries = []
+    for name, info in header.items():
+        kind = info.get("dtype") if isinstance(info, dict) else None
+        dtype = _DTYPES.get(kind) if isinstance(kind, str) else None
+        shape = _header_ints(info.get("shape"), None) if isinstance(info, dict) else None
+        offsets = _header_ints(info.get("data_offsets"), 2) if isinstance(info, dict) else None
+        if dtype is None or shape is None or offsets is None:
+            raise ModelLoadError(
+                f"corrupt entry {name!r} in safetensors header of {path} (needs a known dtype, a shape of "
+                "non-negative integers and two data offsets)"
+            )
+        begin, end = offsets
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
+        if end > data_size or end - begin != nbytes:
+            raise ModelLoadError(
+                f"tensor {name!r} lies outside the data of {path} (file truncated or corrupt)"
+            )
+        entries.append((name, kind, dtype, shape, begin, end))
+    return entries, 8 + n, data_size
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read one safetensors file into numpy arrays (memory-mapped; bf16 widened to float32).
 
     Truncated, corrupt or foreign files raise ``ModelLoadError`` naming the file.
     """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelLoadError(f"not a safetensors file (too short): {path}")
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > _MAX_HEADER or 8 + n > size:
-            raise ModelLoadError(f"not a safetensors file or truncated (header size {n}): {path}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"corrupt safetensors header in {path}: {exc}") from exc
-    if not isinstance(header, dict):
-        raise ModelLoadError(f"corrupt safetensors header in {path}")
-    header.pop("__metadata__", None)
-    data_size = size - 8 - n
-    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,)) if data_size else None
+    entries, offset, data_size = _read_header(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(data_size,)) if data_size else None
     out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
+    for name, kind, dtype, shape, begin, end in entries:
         try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(f"corrupt entry {name!r} in safetensors header of {path}") from exc
-        count = int(np.prod(shape, dtype=np.int64))
-        if begin < 0 or end > data_size or end - begin != count * np.dtype(dtype).itemsize:
-            raise ModelLoadError(
-                f"tensor {name!r} lies outside the data of {path} (file truncated or corrupt)"
-            )
-        arr = mm[begin:end].view(dtype).reshape(shape) if count else np.zeros(shape, dtype)
-        out[name] = _bf16_to_f32(arr) if info["dtype"] == "BF16" else arr
+            arr = mm[begin:end].view(dtype).reshape(shape) if end > begin else np.zeros(shape, dtype)
+        except ValueError as exc:  # e.g. an empty tensor with an absurd dimension
+            raise ModelLoadError(f"tensor {name!r} in {path} has an impossible shape {list(shape)}") from exc
+        out[name] = _bf16_to_f32(arr) if kind == "BF16" else arr
     return out
+
+
+def read_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a component folder's tensors, from the file headers alone.
+
+    The cheap check of a folder before loading it: missing, truncated and corrupt files fail
+    here as in ``load_state``, but no tensor data is read.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(folder):
+        for name, _, _, shape, _, _ in _read_header(file)[0]:
+            if name in shapes:
+                raise ModelLoadError(f"tensor {name!r} appears in more than one shard of {folder}")
+            shapes[name] = shape
+    return shapes
 
 
 def load_state(folder: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -74,17 +74,23 @@ def _config(args) -> DiffusionConfig:
 
 
 def _generate(args, model: str, upsampler) -> int:
+    from .cameras import as_cameras
+    from .images import load_image
     from .pipeline import Pipeline
 
     config = _config(args)
     out_dir = Path(args.output)
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         # Checked before loading anything: a refused run should be cheap.
         raise InputError(f"output folder {out_dir} is not empty; pass --overwrite")
+    # The input is read before the models too: a wrong path or a corrupt file should fail in a moment.
+    image = load_image(args.image) if args.image is not None else None
+    cameras = as_cameras(args.azimuths, elevation=args.elevation) if args.azimuths else None
     pipe = Pipeline.from_pretrained(model, backend=args.backend, device=args.device, upsampler=upsampler,
                                     config=config)
-    cameras = args.azimuths if args.azimuths else None
-    out = pipe.generate(args.image, cameras=cameras, prompt=args.prompt, negative_prompt=args.negative_prompt,
+    out = pipe.generate(image, cameras=cameras, prompt=args.prompt, negative_prompt=args.negative_prompt,
                         output_size=args.size, progress=not args.quiet)
     out.save(out_dir, overwrite=args.overwrite)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in out.timings.items())

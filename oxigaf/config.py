@@ -149,6 +149,18 @@ def _coerce(value: Any, default: Any, name: str, where: str) -> Any:
 _REQUIRED = object()
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sizes(cfg, names, low: int = 1) -> None:
+    """Sizes a model is built from must be integers >= ``low`` (0 would divide by zero later)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not (_is_int(value) and value >= low):
+            raise ModelLoadError(f"{cfg.source or 'config'}: {name} must be an integer >= {low}; got {value!r}")
+
+
 def _from_dict(cls, data: dict, where: str, aliases: dict[str, str] | None = None):
     aliases = aliases or {}
     values = {}
@@ -221,6 +233,17 @@ class UNetConfig(_ModelConfig):
                 raise ModelLoadError(f"{self.source}: required key {name!r} is missing")
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise ModelLoadError(f"{self.source}: set num_heads or num_head_channels")
+        _check_sizes(self, ("in_channels", "model_channels", "out_channels", "num_res_blocks", "context_dim",
+                            "transformer_depth", "image_size"))
+        _check_sizes(self, ("ip_dim",), low=0)
+        for name in ("num_heads", "num_head_channels"):
+            value = getattr(self, name)
+            if value != -1 and not (_is_int(value) and value >= 1):
+                raise ModelLoadError(f"{self.source}: {name} must be -1 (unset) or >= 1; got {value!r}")
+        for name in ("channel_mult", "attention_resolutions"):
+            value = getattr(self, name)
+            if not all(_is_int(v) and v >= 1 for v in value) or (name == "channel_mult" and not value):
+                raise ModelLoadError(f"{self.source}: {name} must be a list of integers >= 1; got {list(value)!r}")
 
     def heads_for(self, channels: int) -> tuple[int, int]:
         """(heads, head_dim) of a transformer with this many channels, as the reference picks them."""
@@ -272,6 +295,10 @@ class CLIPVisionConfig(_ModelConfig):
     projection_dim: int = 512
     source: str = ""
 
+    def __post_init__(self):
+        _check_sizes(self, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "image_size", "patch_size", "num_channels", "projection_dim"))
+
     @classmethod
     def from_dict(cls, data: dict, where: str = "config"):
         # A full CLIPModel config nests the vision tower's settings.
@@ -299,6 +326,10 @@ class CLIPTextConfig(_ModelConfig):
     eos_token_id: int = 49407
     pad_token_id: int = 1
     source: str = ""
+
+    def __post_init__(self):
+        _check_sizes(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                            "num_attention_heads", "max_position_embeddings", "projection_dim"))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config"):

@@ -80,8 +80,8 @@ def _open_path(src: str | os.PathLike) -> Image.Image:
         raise InputError(f"input image {path} has too many pixels (Pillow's decompression-bomb guard): {exc}") from exc
     except UnidentifiedImageError as exc:
         raise InputError(f"not an image (or a format Pillow cannot read): {path}") from exc
-    except OSError as exc:
-        raise InputError(f"cannot read input image {path}: {exc}") from exc
+    except Exception as exc:  # OSError, or a plugin's ValueError / struct.error on a corrupt header
+        raise InputError(f"cannot read input image {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def _array_to_image(arr: np.ndarray, background: tuple[int, int, int]) -> Image.Image:
@@ -228,19 +228,20 @@ def load_image(
     else:
         raise InputError(f"cannot use a {type(src).__name__} as an image: pass a path, a PIL image or a numpy array")
 
-    if img.width == 0 or img.height == 0:
-        raise InputError(f"input image is zero-sized: {img.width}x{img.height}")
-    orientation = 1
-    if exif_transpose:
-        try:
-            orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
-        except Exception:  # a corrupt EXIF block must not make a readable image unusable
-            orientation = 1
-    if opened_here and img.format == "JPEG" and max_side is not None and max(img.size) > max_side:
-        scale = max_side / max(img.size)
-        # The JPEG decoder can scale by 1/2, 1/4, 1/8 while decoding; it keeps at least this size.
-        img.draft(img.mode, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+    where = f" {src}" if opened_here else ""
     try:
+        if img.width == 0 or img.height == 0:
+            raise InputError(f"input image{where} is zero-sized: {img.width}x{img.height}")
+        orientation = 1
+        if exif_transpose:
+            try:
+                orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+            except Exception:  # a corrupt EXIF block must not make a readable image unusable
+                orientation = 1
+        if opened_here and img.format == "JPEG" and max_side is not None and max(img.size) > max_side:
+            scale = max_side / max(img.size)
+            # The JPEG decoder can scale by 1/2, 1/4, 1/8 while decoding; it keeps at least this size.
+            img.draft(img.mode, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
         img.load()
         rgb = _to_rgb(img, background, max_side)
         if opened_here and rgb is img:
@@ -248,14 +249,19 @@ def load_image(
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
-        raise InputError(f"input image has too many pixels (Pillow's decompression-bomb guard): {exc}") from exc
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
-        raise InputError(f"cannot decode input image: {exc}") from exc
+        raise InputError(f"input image{where} has too many pixels (Pillow's decompression-bomb guard): {exc}") from exc
+    except Exception as exc:  # Pillow reports corrupt data as OSError, ValueError, struct.error, EOFError...
+        raise InputError(f"cannot decode input image{where}: {type(exc).__name__}: {exc}") from exc
     finally:
         if opened_here:
             img.close()
-    for op in _ORIENT_OPS.get(orientation, ()):
-        rgb = rgb.transpose(op)
+    if orientation in _ORIENT_OPS:
+        for op in _ORIENT_OPS[orientation]:
+            rgb = rgb.transpose(op)
+        # The pixels are upright now: drop the metadata that says otherwise, or an image passed
+        # back in (the pipeline loads what it is given) would be turned a second time.
+        for key in ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif"):
+            rgb.info.pop(key, None)
     return rgb
 
 

@@ -24,8 +24,18 @@ import numpy as np
 
 from .backend import Backend
 from .cameras import CameraParams, as_cameras, camera_vectors, cameras_json, transforms_json
-from .checkpoints import read_json, resolve_model
-from .config import DiffusionConfig, check_attention, check_guidance, check_positive_int
+from .checkpoints import read_json, read_shapes, resolve_model
+from .config import (
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    DiffusionConfig,
+    UNetConfig,
+    VAEConfig,
+    check_attention,
+    check_finite,
+    check_guidance,
+    check_positive_int,
+)
 from .errors import ConfigError, InputError, ModelLoadError, NumericsError, OxigafError
 from .images import CLIPPreprocessor, load_image, make_grid, to_uint8, vae_input
 from .plugins import get_backend
@@ -36,6 +46,9 @@ from .tokenizers import CLIPTokenizer
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 IMAGE_COMPONENTS = ("image_encoder", "feature_extractor")
 LATENT_FACTOR = 8  # VAE downsampling
+COMPONENT_CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig,
+                     "image_encoder": CLIPVisionConfig}
+NORM_GROUPS = 32  # GroupNorm groups of every UNet block (the reference's normalization())
 
 
 @dataclass
@@ -61,8 +74,9 @@ class MultiViewOutput:
         """Write ``view_00.png``…, ``grid.png``, ``cameras.json`` and ``transforms.json``.
 
         Everything is written into a temporary folder beside ``folder`` and renamed into place
-        at the end, so a failure never leaves half-written files. An existing non-empty folder
-        is an error unless ``overwrite=True``.
+        at the end, so a failure never leaves half-written files, and a failed overwrite leaves
+        the previous output in place. An existing non-empty folder is an error unless
+        ``overwrite=True``; a file-system failure is an ``InputError`` naming the folder.
         """
         import json
 
@@ -71,10 +85,14 @@ class MultiViewOutput:
             raise InputError(f"output path {folder} exists and is not a folder")
         if folder.is_dir() and any(folder.iterdir()) and not overwrite:
             raise InputError(f"output folder {folder} is not empty; pass overwrite=True (CLI: --overwrite)")
-        folder.parent.mkdir(parents=True, exist_ok=True)
         kwargs = {} if fov_deg is None else {"fov_deg": fov_deg}
         size = int(self.images.shape[1])
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        except OSError as exc:
+            raise InputError(f"cannot create the output folder {folder}: {exc}") from exc
+        old = None
         try:
             for i, view in enumerate(self.views):
                 view.save(tmp / f"view_{i:02d}.png")
@@ -82,15 +100,21 @@ class MultiViewOutput:
             (tmp / "cameras.json").write_text(json.dumps(cameras_json(self.cameras, size, **kwargs), indent=2))
             (tmp / "transforms.json").write_text(json.dumps(transforms_json(self.cameras, size, **kwargs), indent=2))
             if folder.exists():
-                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                old = tmp.with_name(tmp.name + "-old")
                 folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(folder)
-        except BaseException:
+            tmp.rename(folder)
+        except BaseException as exc:
+            if old is not None and old.exists() and not folder.exists():
+                try:
+                    old.rename(folder)  # the swap failed: put the previous output back
+                except OSError:
+                    pass
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise InputError(f"cannot write the output folder {folder}: {exc}") from exc
             raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return folder
 
 
@@ -126,12 +150,16 @@ class Pipeline:
             self.config = self.config.replace(dtype=dtype)
         self.backend = backend if not isinstance(backend, str) else get_backend(backend, device, self.config.dtype)
         self.model_path = resolve_model(model)
-        self.index = read_json(self.model_path / "model_index.json", "model_index.json")
+        _check_upsampler_kind(upsampler)
+        self.index = self._read_index()
         listed = {k for k, v in self.index.items() if not k.startswith("_") and isinstance(v, list)}
         missing = [c for c in REQUIRED_COMPONENTS if c not in listed or not (self.model_path / c).is_dir()]
         if missing:
+            kind = self.index.get("_class_name")
+            what = f" is a {kind}" if isinstance(kind, str) and kind else ""
+            hint = " (a latent upscaler: pass it as upsampler=..., not as the model)" if "Upscale" in what else ""
             raise ModelLoadError(
-                f"model folder {self.model_path} lacks the component(s) {', '.join(missing)} "
+                f"model folder {self.model_path}{what}{hint}: it lacks the component(s) {', '.join(missing)} "
                 "(expected the diffusers layout of an MVDream / ImageDream pipeline)"
             )
         self.image_conditioned = all(c in listed and (self.model_path / c).is_dir() for c in IMAGE_COMPONENTS)
@@ -141,10 +169,68 @@ class Pipeline:
         self.preprocessor = (
             CLIPPreprocessor.from_folder(self.model_path / "feature_extractor") if self.image_conditioned else None
         )
+        self._preflight()
+        self.upsampler = self._make_upsampler(upsampler)
         self._models: dict[str, object] = {}
         for name in ("unet", "vae", "text_encoder") + (("image_encoder",) if self.image_conditioned else ()):
             self._model(name)
-        self.upsampler = self._make_upsampler(upsampler)
+
+    def _read_index(self) -> dict:
+        path = self.model_path / "model_index.json"
+        if not path.is_file() and (self.model_path / "config.json").is_file():
+            # A single component (e.g. .../vae) given where the whole pipeline folder belongs.
+            try:
+                kind = read_json(self.model_path / "config.json").get("_class_name")
+            except ModelLoadError:
+                kind = None
+            raise ModelLoadError(
+                f"{self.model_path} holds a single model component ({kind or 'config.json'}), not a pipeline: "
+                f"pass the folder above it, the one with model_index.json"
+            )
+        return read_json(path, "model_index.json")
+
+    def _preflight(self) -> None:
+        """Read every component's config and weight-file header before any weights are loaded.
+
+        Only headers are read, so a missing, truncated or mismatched component fails in
+        milliseconds instead of after loading gigabytes.
+        """
+        names = ("unet", "vae", "text_encoder") + (("image_encoder",) if self.image_conditioned else ())
+        cfg = {name: COMPONENT_CONFIGS[name].from_folder(self.model_path / name) for name in names}
+        for name in names:
+            read_shapes(self.model_path / name)
+        unet, vae, text = cfg["unet"], cfg["vae"], cfg["text_encoder"]
+        where = self.model_path / "unet"
+        for mult in unet.channel_mult:
+            ch = mult * unet.model_channels
+            heads, head_dim = unet.heads_for(ch) if ch > 0 else (0, 0)
+            if ch <= 0 or ch % NORM_GROUPS or heads < 1 or heads * head_dim != ch:
+                raise ModelLoadError(
+                    f"{unet.source}: a block of {ch} channels (model_channels {unet.model_channels} x {mult}) "
+                    f"cannot be built: it needs a positive multiple of {NORM_GROUPS} that splits into attention "
+                    f"heads (num_heads {unet.num_heads}, num_head_channels {unet.num_head_channels})"
+                )
+        if self.image_conditioned and unet.ip_dim <= 0:
+            raise ModelLoadError(
+                f"{where} holds a text-only MVDream UNet (no ip_dim), but {self.model_path} is laid out as "
+                "ImageDream (it has image_encoder/ and feature_extractor/): use an ImageDream UNet "
+                "(e.g. ashawkey/imagedream-ipmv-diffusers)"
+            )
+        if not self.image_conditioned and unet.ip_dim > 0:
+            raise ModelLoadError(
+                f"{where} holds an image-conditioned ImageDream UNet (ip_dim {unet.ip_dim}), but {self.model_path} "
+                "lacks its image_encoder/ and feature_extractor/ (or model_index.json does not list them)"
+            )
+        if unet.context_dim != text.hidden_size:
+            raise ModelLoadError(
+                f"the UNet's context_dim {unet.context_dim} ({where}) does not match the text encoder's "
+                f"hidden_size {text.hidden_size} ({self.model_path / 'text_encoder'}): mixed-up components"
+            )
+        if not unet.in_channels == unet.out_channels == vae.latent_channels:
+            raise ModelLoadError(
+                f"the UNet works on {unet.in_channels} -> {unet.out_channels} latent channels but the VAE's "
+                f"latent_channels is {vae.latent_channels}: mixed-up components"
+            )
 
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike = "ashawkey/imagedream-ipmv-diffusers", **kwargs) -> Pipeline:
@@ -186,9 +272,7 @@ class Pipeline:
             return BilinearUpsampler()
         if isinstance(upsampler, (str, os.PathLike)):
             return LatentUpsampler.from_pretrained(upsampler, backend=self.backend, dtype=self.config.dtype)
-        if callable(upsampler):
-            return upsampler
-        raise ConfigError(f"upsampler must be None, 'bilinear', a folder or a hub id; got {upsampler!r}")
+        return upsampler
 
     @property
     def native_size(self) -> int:
@@ -242,7 +326,10 @@ class Pipeline:
         seed = cfg.seed if seed is None else seed
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ConfigError(f"seed must be a non-negative integer; got {seed!r}")
-        eta = cfg.eta if eta is None else float(eta)
+        eta = cfg.eta if eta is None else eta
+        if check_finite(eta, "eta") < 0:
+            raise ConfigError(f"eta must be >= 0; got {eta!r}")
+        eta = float(eta)
         if attention is not None:
             check_attention(attention)
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
@@ -297,7 +384,10 @@ class Pipeline:
         if latents is None:
             return [np.random.default_rng(seed + i).standard_normal((frames, 4, hw, hw), dtype=np.float32)
                     for i in range(items)]
-        arr = np.asarray(latents, dtype=np.float32)
+        try:
+            arr = np.asarray(latents, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"latents must be an array of numbers; got {type(latents).__name__}: {exc}") from exc
         if arr.ndim == 4:
             arr = arr[None]
         ok_frames = {views, frames}
@@ -339,6 +429,7 @@ class Pipeline:
             unet_kw["ip"] = b.concat(([cond_ip[0] * 0.0] * n if cfg_on else []) + cond_ip)
             unet_kw["ip_img"] = b.concat(([cond_ref[0] * 0.0] * items if cfg_on else []) + cond_ref)
         b.synchronize(context)
+        self._check_conditioning(context, unet_kw)
         timings["conditioning"] = time.perf_counter() - t0
         if cfg.low_memory:
             self._release("text_encoder", "image_encoder")
@@ -394,16 +485,39 @@ class Pipeline:
             outputs.append(MultiViewOutput(views_pil, images, final[item], list(cams), item_timings, _memory(b)))
         return outputs
 
+    def _check_conditioning(self, context, unet_kw) -> None:
+        """Encoder outputs must be finite: an overflow here would surface later as a NaN in the UNet."""
+        b = self.backend
+        cfg = self.config
+        for what, x, setting in (("text encoder", context, "dtype"), ("image encoder", unet_kw.get("ip"), "dtype"),
+                                 ("VAE encoder (reference latent)", unet_kw.get("ip_img"), "vae_dtype")):
+            if x is not None and not b.isfinite(x):
+                raise NumericsError(
+                    f"NaN or Inf in the {what}'s output (conditioning stage) with {setting} {getattr(cfg, setting)}: "
+                    f"float16 overflow is the usual cause; use {setting}='float32' or 'bfloat16'"
+                )
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Scaled latents (V, 4, h, w) -> float32 images (V, H, W, 3) in [0, 1]."""
         b, cfg = self.backend, self.config
         vae = self._model("vae")
         decoded = vae.decode(b.asarray(np.asarray(latents, np.float32) / vae.config.scaling_factor,
                                        dtype=cfg.vae_dtype), tile_size=cfg.vae_tile_size or None)
-        images = np.clip((b.to_numpy(decoded).astype(np.float32) + 1.0) / 2.0, 0.0, 1.0).transpose(0, 2, 3, 1)
-        if not np.isfinite(images).all():
-            raise NumericsError(f"NaN or Inf in the decoded images (VAE in {cfg.vae_dtype}): use vae_dtype='float32'")
+        decoded = b.to_numpy(decoded).astype(np.float32)
+        # Checked before clipping, which would turn an Inf into a white pixel.
+        if not np.isfinite(decoded).all():
+            raise NumericsError(
+                f"NaN or Inf in the decoded images (decoding stage, VAE in {cfg.vae_dtype}): "
+                "use vae_dtype='float32'"
+            )
+        images = np.clip((decoded + 1.0) / 2.0, 0.0, 1.0).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(images)
+
+
+def _check_upsampler_kind(upsampler) -> None:
+    if upsampler is None or isinstance(upsampler, (str, os.PathLike)) or callable(upsampler):
+        return
+    raise ConfigError(f"upsampler must be None, 'bilinear', a folder or a hub id; got {upsampler!r}")
 
 
 def _memory(backend) -> dict[str, int | None]:

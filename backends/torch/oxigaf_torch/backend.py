@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from oxigaf.errors import BackendError
+from oxigaf.errors import BackendError, ModelLoadError, OxigafError
 
 from .common import TORCH_DTYPES, torch_dtype
 
@@ -28,6 +28,17 @@ def _pick_device(device: str | None) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise BackendError(f"unsupported torch device {device!r}: use cpu, cuda[:N] or mps")
     return dev
+
+
+def _guarded(what: str, load, folder, **kwargs):
+    """Run a model loader. The config checks catch what they know of; anything else that fails
+    while building the model from a config still ends as a ``ModelLoadError`` naming the folder."""
+    try:
+        return load(folder, **kwargs)
+    except OxigafError:
+        raise
+    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot build the {what} from {folder}: {type(exc).__name__}: {exc}") from exc
 
 
 class TorchBackend:
@@ -87,24 +98,28 @@ class TorchBackend:
     def load_unet(self, folder, *, attention: str = "auto", dtype: str | None = None, **kw):
         from .unet import load_unet
 
-        return load_unet(folder, dtype=dtype or self.dtype, device=self.torch_device, attention=attention, **kw)
+        return _guarded("multi-view UNet", load_unet, folder, dtype=dtype or self.dtype,
+                        device=self.torch_device, attention=attention, **kw)
 
     def load_vae(self, folder, *, dtype: str | None = None, **kw):
         from .vae import load_vae
 
-        return load_vae(folder, dtype=dtype or "float32", device=self.torch_device, **kw)
+        return _guarded("VAE", load_vae, folder, dtype=dtype or "float32", device=self.torch_device, **kw)
 
     def load_image_encoder(self, folder, *, dtype: str | None = None, **kw):
         from .clip import load_image_encoder
 
-        return load_image_encoder(folder, dtype=dtype or self.dtype, device=self.torch_device, **kw)
+        return _guarded("CLIP image encoder", load_image_encoder, folder, dtype=dtype or self.dtype,
+                        device=self.torch_device, **kw)
 
     def load_text_encoder(self, folder, *, dtype: str | None = None, **kw):
         from .clip import load_text_encoder
 
-        return load_text_encoder(folder, dtype=dtype or self.dtype, device=self.torch_device, **kw)
+        return _guarded("CLIP text encoder", load_text_encoder, folder, dtype=dtype or self.dtype,
+                        device=self.torch_device, **kw)
 
     def load_upsampler_unet(self, folder, *, dtype: str | None = None, **kw):
         from .upsampler import load_upsampler_unet
 
-        return load_upsampler_unet(folder, dtype=dtype or self.dtype, device=self.torch_device, **kw)
+        return _guarded("upsampler UNet", load_upsampler_unet, folder, dtype=dtype or self.dtype,
+                        device=self.torch_device, **kw)
