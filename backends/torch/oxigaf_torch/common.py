@@ -94,16 +94,47 @@ def attention(q, k, v, mode: str = "sdpa", mask=None, scale: float | None = None
         if n <= chunk_size:
             return _attend(q, k, v, mask, scale)
         out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        # one float32 score buffer for every block: a fresh one per block costs its page faults
+        # (on a CPU) or allocator traffic again each time
+        scratch = None
+        if q.dtype == torch.float32:
+            lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+            scratch = torch.empty(math.prod(lead) * chunk_size * k.shape[-2], dtype=torch.float32, device=q.device)
         for s in range(0, n, chunk_size):
             m = None if mask is None else mask[..., s:s + chunk_size, :] if mask.shape[-2] > 1 else mask
-            out[..., s:s + chunk_size, :] = _attend(q[..., s:s + chunk_size, :], k, v, m, scale)
+            out[..., s:s + chunk_size, :] = _attend(q[..., s:s + chunk_size, :], k, v, m, scale, scratch=scratch)
         return out
     raise ValueError(f"unknown attention mode {mode!r}")
 
 
-def _attend(q, k, v, mask, scale):
-    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+def _attend(q, k, v, mask, scale, scratch=None):
+    if scratch is not None:  # float32 q: the product goes straight into the caller's buffer
+        shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]) + (q.shape[-2], k.shape[-2])
+        scores = torch.matmul(q, k.transpose(-1, -2), out=scratch[:math.prod(shape)].view(shape))
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2))
+    scores = scores.float().mul_(scale)
     if mask is not None:
-        scores = scores + mask.float()
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        scores = scores.add_(mask.float())
+    probs = _softmax_(scores).to(v.dtype)
     return torch.matmul(probs, v)
+
+
+# Above this size the score matrix is normalised in place, a block of rows at a time, so the
+# whole matrix exists once, not twice (5 frames at 64x64 latents: 2 x 16.8 GB otherwise).
+_SOFTMAX_IN_PLACE_BYTES = 64 << 20
+# Blocks of contiguous rows this large run as fast as one softmax over the whole matrix here.
+_SOFTMAX_BLOCK_BYTES = 16 << 20
+
+
+def _softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Row softmax of a fresh score matrix; in place when it is large (the same numbers)."""
+    size = scores.numel() * scores.element_size()
+    if size <= _SOFTMAX_IN_PLACE_BYTES or not scores.is_contiguous():
+        return torch.softmax(scores, dim=-1)
+    rows = scores.view(-1, scores.shape[-1])
+    step = max(1, _SOFTMAX_BLOCK_BYTES // (rows.shape[1] * rows.element_size()))
+    for s in range(0, rows.shape[0], step):
+        block = rows[s:s + step]
+        block.copy_(torch.softmax(block, dim=-1))
+    return scores

@@ -1,0 +1,108 @@
+"""Real-shape random checkpoints for the benchmarks, built once into a cache folder.
+
+``manifests/`` holds the published ``config.json`` and ``keys.json`` (every tensor name and
+shape) of the four ImageDream components, copied from ``shared/checkpoints`` so the benchmarks
+run on a machine without the test fixtures. Weights (``random_weights``) are float16: matrices
+and convolution kernels normal with std 1/sqrt(fan_in), every 1-D ``weight`` (in these models
+always a normalisation scale, whatever its module is called: the LDM names say ``in_layers.0``)
+1 + N(0, 0.1²), biases N(0, 0.02²). Activations then stay in a realistic range through the
+whole network, which matters for the bfloat16 drift figure (a fixed std 0.02 would shrink the
+signal layer by layer, and zero norm scales would switch whole blocks off).
+
+The folder ``<cache>/imagedream`` is laid out as the published pipeline
+(``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``image_encoder/``,
+``scheduler/``, ``tokenizer/``, ``feature_extractor/``); the small files come from the demo
+model's data (its tokenizer is a stub vocabulary, which only changes which ids are looked up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+MANIFESTS = HERE / "manifests"
+# Bump when the manifests or the weight recipe change, so stale caches are rebuilt.
+VERSION = "2"
+
+# component folder -> (manifest, weight file name, seed)
+COMPONENTS = {
+    "unet": ("imagedream-unet", "diffusion_pytorch_model.safetensors", 0),
+    "vae": ("sd21-vae", "diffusion_pytorch_model.safetensors", 1),
+    "text_encoder": ("sd21-text-encoder", "model.safetensors", 2),
+    "image_encoder": ("clip-vit-h14-vision", "model.safetensors", 3),
+}
+
+
+def random_weights(shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in sorted(shapes.items()):
+        leaf = name.rsplit(".", 1)[-1]
+        if len(shape) == 1 and leaf == "weight":
+            arr = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        elif len(shape) == 1 and leaf == "bias":
+            arr = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+            arr = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(fan_in, 1))
+        out[name] = arr.astype(np.float16)
+    return out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OXIGAF_BENCH_CACHE") or HERE / ".cache")
+
+
+def model_root() -> Path:
+    return cache_dir() / "imagedream"
+
+
+def component(name: str) -> Path:
+    """The folder of one component (config.json + random weights), built on first use."""
+    manifest, filename, seed = COMPONENTS[name]
+    dst = model_root() / name
+    marker = dst / "BENCH_VERSION"
+    if marker.is_file() and marker.read_text() == VERSION:
+        return dst
+    from safetensors.numpy import save_file
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dst.parent))
+    try:
+        shutil.copy(MANIFESTS / manifest / "config.json", tmp / "config.json")
+        shapes = json.loads((MANIFESTS / manifest / "keys.json").read_text())
+        save_file(random_weights(shapes, seed), str(tmp / filename))
+        (tmp / "BENCH_VERSION").write_text(VERSION)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def pipeline_folder() -> Path:
+    """The whole ImageDream folder in the published layout (every component built)."""
+    from oxigaf.demo import DATA
+
+    root = model_root()
+    for name in COMPONENTS:
+        component(name)
+    demo = DATA / "imagedream"
+    for small in ("scheduler", "tokenizer", "feature_extractor"):
+        if not (root / small).is_dir():
+            shutil.copytree(demo / small, root / small)
+    if not (root / "model_index.json").is_file():
+        shutil.copy(demo / "model_index.json", root / "model_index.json")
+    return root
+
+
+if __name__ == "__main__":
+    print(pipeline_folder())
