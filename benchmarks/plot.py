@@ -35,9 +35,13 @@ def main(argv=None) -> int:
         kw = dict(color=color, marker=marker, linestyle=DASH.get(backend, ":"), label=f"{backend} {dtype} {mode}")
         ax_mem.plot([s for s, _, _ in pts], [max(b, 1) / 2**30 for _, b, _ in pts], **kw)
         ax_time.plot([s for s, _, _ in pts], [t for _, _, t in pts], **kw)
-    skipped = [r for r in doc["results"] if r["bench"] == "attention" and r.get("skipped") and "needs" in r["skipped"]]
-    for r in skipped:
-        ax_mem.annotate(f"{r['backend']} {r['mode']} {r['seq']}: skipped", (r["seq"], 1), fontsize=7)
+    skipped: dict = {}
+    for r in doc["results"]:
+        if r["bench"] == "attention" and r.get("skipped") and r["skipped"].startswith("needs"):
+            skipped.setdefault((r["backend"], r["dtype"], r["seq"], r["skipped"].split(",")[0]), []).append(r["mode"])
+    for i, ((backend, _dtype, seq, need), modes) in enumerate(sorted(skipped.items())):
+        ax_mem.annotate(f"{backend} {'/'.join(modes)} at {seq}: not run ({need})", xy=(0.02, 0.95 - 0.06 * i),
+                        xycoords="axes fraction", fontsize=7, va="top")
     for ax, label in ((ax_mem, "peak memory of the call (GiB)"), (ax_time, "seconds per call")):
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -257,7 +257,7 @@ def table(results: list[dict]) -> str:
             out.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
 
     def note(r):
-        return r.get("skipped") or r.get("error") or ""
+        return r.get("skipped") or r.get("error") or r.get("note") or ""
 
     rows = [[r["backend"], r["dtype"], r.get("seq", ""), r.get("mode", ""), _fmt_s(r.get("seconds")),
              _fmt_b(r.get("peak_bytes")), note(r)] for r in results if r["bench"] == "attention"]

@@ -18,7 +18,7 @@ import numpy as np
 
 DATA = Path(__file__).parent / "demo_data"
 # Bump when the manifests or the weight recipe change, so stale caches are rebuilt.
-VERSION = "1"
+VERSION = "2"
 
 
 def cache_dir() -> Path:
@@ -39,9 +39,11 @@ def random_weights(shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndar
     out = {}
     for name, shape in sorted(shapes.items()):
         leaf = name.rsplit(".", 1)[-1]
-        if len(shape) == 1 and leaf == "weight" and "norm" in name:
+        # 1-D weights are norm scales (LDM names them by position, e.g. in_layers.0): 1, not 0,
+        # or every block's output would vanish.
+        if len(shape) == 1 and leaf == "weight":
             arr = np.ones(shape, np.float32)
-        elif len(shape) == 1 and leaf in ("bias", "weight"):
+        elif len(shape) == 1 and leaf == "bias":
             arr = np.zeros(shape, np.float32)
         else:
             fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
