@@ -276,6 +276,11 @@ class VAEConfig(_ModelConfig):
     force_upcast: bool = True
     source: str = ""
 
+    @property
+    def downsampling_factor(self) -> int:
+        """Pixels per latent cell: each encoder block but the last halves the resolution."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
 
 @dataclass(frozen=True)
 class CLIPVisionConfig(_ModelConfig):

@@ -540,6 +540,19 @@ class DDIMScheduler(_Scheduler):
             prev = prev + std * noise
         return (prev, x0) if return_x0 else prev
 
+    def predicted_noise(self, model_output: Any, t: Any, sample: Any) -> Any:
+        """The noise ε that ``model_output`` implies at timestep ``t`` under the configured prediction type."""
+        t = self._check_t(t)
+        a_t = float(self.alphas_cumprod[t])
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return model_output
+        if kind == "v_prediction":
+            return math.sqrt(a_t) * model_output + math.sqrt(1.0 - a_t) * sample
+        if a_t >= 1.0:
+            raise NumericsError(f"the noise is undefined at t={t} for sample prediction (alphas_cumprod[t] = 1)")
+        return (sample - math.sqrt(a_t) * model_output) / math.sqrt(1.0 - a_t)
+
     def add_noise(self, original_samples: Any, noise: Any, t: Any) -> Any:
         """Forward diffusion to timestep ``t`` (one integer for the whole batch): √ᾱ_t·x₀ + √(1−ᾱ_t)·ε."""
         t = self._check_t(t)
