@@ -21,6 +21,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 ATTENTION_MODES = ("auto", "sdpa", "chunked", "naive")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 GUIDANCE_RANGE = (1.0, 20.0)
+UNET_NORM_GROUPS = 32  # GroupNorm groups of every UNet block (the reference's normalization())
 
 
 def check_dtype(dtype: str, name: str = "dtype") -> str:
@@ -250,6 +251,22 @@ class UNetConfig(_ModelConfig):
         if self.num_head_channels != -1:
             return channels // self.num_head_channels, self.num_head_channels
         return self.num_heads, channels // self.num_heads
+
+    def check_geometry(self) -> None:
+        """Refuse a config whose blocks cannot be built: every block width (``model_channels`` x
+        each ``channel_mult``) must be a positive multiple of the ``UNET_NORM_GROUPS`` GroupNorm
+        groups and split into whole attention heads. The one place this rule lives: the
+        pipeline's preflight and both backends' UNet builders call it."""
+        for mult in self.channel_mult:
+            ch = mult * self.model_channels
+            heads, head_dim = self.heads_for(ch) if ch > 0 else (0, 0)
+            if ch <= 0 or ch % UNET_NORM_GROUPS or heads < 1 or heads * head_dim != ch:
+                raise ModelLoadError(
+                    f"{self.source or 'UNet config'}: a block of {ch} channels (model_channels "
+                    f"{self.model_channels} x {mult}) cannot be built: it needs a positive multiple of "
+                    f"{UNET_NORM_GROUPS} that splits into attention heads (num_heads {self.num_heads}, "
+                    f"num_head_channels {self.num_head_channels})"
+                )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ transformers' token order. LayerNorms run in float32 whatever the compute dtype.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -189,24 +190,6 @@ class CLIPImageEncoder(nn.Module):
         return out
 
 
-def load_image_encoder(folder: str | os.PathLike, *, dtype: str = "float32", attention: str = "sdpa",
-                       chunk_size: int = 1024) -> CLIPImageEncoder:
-    """Build the CLIP vision tower of ``folder/config.json`` and load its weights strictly.
-
-    Files with and without the ``vision_model.`` prefix load; ``visual_projection`` is optional.
-    """
-    check_dtype(dtype)
-    _check_mode(attention, chunk_size)
-    config = CLIPVisionConfig.from_folder(folder)
-    _check_geometry(config, str(folder))
-    state = split_tower(load_state(folder), "vision_model.", "visual_projection.weight")
-    model = CLIPImageEncoder(config, projection="visual_projection.weight" in state)
-    load_weights(model, state, str(folder), dtype=mlx_dtype(dtype))
-    model.attention = attention
-    model.chunk_size = chunk_size
-    return model
-
-
 # --------------------------------------------------------------------------- text
 
 
@@ -286,19 +269,50 @@ class CLIPTextEncoder(nn.Module):
         return out
 
 
-def load_text_encoder(folder: str | os.PathLike, *, dtype: str = "float32", attention: str = "sdpa",
-                      chunk_size: int = 1024) -> CLIPTextEncoder:
-    """Build the CLIP text tower of ``folder/config.json`` and load its weights strictly.
+# --------------------------------------------------------------------------- loading
 
-    Files with and without the ``text_model.`` prefix load; ``text_projection`` is optional.
+
+@dataclass(frozen=True)
+class Tower:
+    """What tells the two CLIP towers' files apart: config and model class, the prefix of the
+    ``...WithProjection`` layout and the projection's weight name (beside the prefix)."""
+
+    config: type
+    model: type
+    prefix: str
+    projection: str
+
+
+IMAGE_TOWER = Tower(CLIPVisionConfig, CLIPImageEncoder, "vision_model.", "visual_projection.weight")
+TEXT_TOWER = Tower(CLIPTextConfig, CLIPTextEncoder, "text_model.", "text_projection.weight")
+
+
+def load_tower(tower: Tower, folder: str | os.PathLike, *, dtype: str = "float32",
+               attention: str = "sdpa", chunk_size: int = 1024):
+    """Build the CLIP tower of ``folder/config.json`` and load its weights strictly.
+
+    Files with and without the tower's prefix load; the projection is optional (built only
+    when the file has it).
     """
     check_dtype(dtype)
     _check_mode(attention, chunk_size)
-    config = CLIPTextConfig.from_folder(folder)
+    config = tower.config.from_folder(folder)
     _check_geometry(config, str(folder))
-    state = split_tower(load_state(folder), "text_model.", "text_projection.weight")
-    model = CLIPTextEncoder(config, projection="text_projection.weight" in state)
+    state = split_tower(load_state(folder), tower.prefix, tower.projection)
+    model = tower.model(config, projection=tower.projection in state)
     load_weights(model, state, str(folder), dtype=mlx_dtype(dtype))
     model.attention = attention
     model.chunk_size = chunk_size
     return model
+
+
+def load_image_encoder(folder: str | os.PathLike, *, dtype: str = "float32",
+                       attention: str = "sdpa", chunk_size: int = 1024) -> CLIPImageEncoder:
+    """``load_tower`` of the vision tower: ``vision_model.`` prefix and ``visual_projection`` optional."""
+    return load_tower(IMAGE_TOWER, folder, dtype=dtype, attention=attention, chunk_size=chunk_size)
+
+
+def load_text_encoder(folder: str | os.PathLike, *, dtype: str = "float32",
+                      attention: str = "sdpa", chunk_size: int = 1024) -> CLIPTextEncoder:
+    """``load_tower`` of the text tower: ``text_model.`` prefix and ``text_projection`` optional."""
+    return load_tower(TEXT_TOWER, folder, dtype=dtype, attention=attention, chunk_size=chunk_size)

@@ -26,7 +26,7 @@ import numpy as np
 
 from oxigaf.checkpoints import load_state
 from oxigaf.config import UNetConfig, check_attention, check_dtype, check_positive_int
-from oxigaf.errors import InputError, ModelLoadError
+from oxigaf.errors import InputError
 
 from .common import (
     attention,
@@ -296,6 +296,7 @@ class MultiViewUNet(nn.Module):
     def __init__(self, config: UNetConfig, *, attention: str = "auto", chunk_size: int = 1024):
         super().__init__()
         c = config
+        c.check_geometry()
         self.config = c
         self.attention = attention
         self.chunk_size = chunk_size
@@ -461,20 +462,6 @@ def _mlp(layers: list, x: mx.array) -> mx.array:
     return layers[2](nn.silu(layers[0](x)))
 
 
-def _check_geometry(c: UNetConfig) -> None:
-    where = c.source or "UNet config"
-    if c.ip_dim < 0:
-        raise ModelLoadError(f"{where}: ip_dim must be >= 0; got {c.ip_dim}")
-    for mult in c.channel_mult:
-        ch = mult * c.model_channels
-        if ch % GROUPS:
-            raise ModelLoadError(f"{where}: channel width {ch} is not a multiple of GroupNorm's {GROUPS} groups")
-        heads, dim_head = c.heads_for(ch)
-        if heads < 1 or dim_head < 1 or heads * dim_head != ch:
-            raise ModelLoadError(f"{where}: {ch} channels do not split into attention heads "
-                                 f"(num_heads {c.num_heads}, num_head_channels {c.num_head_channels})")
-
-
 def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", attention: str = "auto",
               chunk_size: int = 1024) -> MultiViewUNet:
     """Build the UNet described by ``folder/config.json`` and load its weights strictly.
@@ -487,6 +474,5 @@ def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", attention: s
     check_attention(attention)
     check_positive_int(chunk_size, "chunk_size")
     config = UNetConfig.from_folder(folder)
-    _check_geometry(config)
     model = MultiViewUNet(config, attention=attention, chunk_size=chunk_size)
     return load_weights(model, load_state(folder), str(folder), dtype=mlx_dtype(dtype))

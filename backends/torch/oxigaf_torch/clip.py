@@ -14,6 +14,7 @@ attention softmax scale is head_dim^-1/2, the text tower is causal.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -190,25 +191,6 @@ class CLIPImageEncoder(nn.Module):
         return out
 
 
-def load_image_encoder(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
-                       attention: str = "sdpa", chunk_size: int = 1024) -> CLIPImageEncoder:
-    """Build the CLIP vision tower of ``folder/config.json`` and load its weights strictly.
-
-    Files with and without the ``vision_model.`` prefix load; ``visual_projection`` is optional.
-    """
-    check_dtype(dtype)
-    _check_mode(attention, chunk_size)
-    config = CLIPVisionConfig.from_folder(folder)
-    _check_geometry(config, str(folder))
-    state = split_tower(load_state(folder), "vision_model.", "visual_projection.weight")
-    with torch.device("meta"):
-        model = CLIPImageEncoder(config, projection="visual_projection.weight" in state)
-    load_weights(model, state, str(folder), dtype=torch_dtype(dtype), device=device)
-    model.attention = attention
-    model.chunk_size = chunk_size
-    return model
-
-
 # --------------------------------------------------------------------------- text
 
 
@@ -286,20 +268,51 @@ class CLIPTextEncoder(nn.Module):
         return out
 
 
-def load_text_encoder(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
-                      attention: str = "sdpa", chunk_size: int = 1024) -> CLIPTextEncoder:
-    """Build the CLIP text tower of ``folder/config.json`` and load its weights strictly.
+# --------------------------------------------------------------------------- loading
 
-    Files with and without the ``text_model.`` prefix load; ``text_projection`` is optional.
+
+@dataclass(frozen=True)
+class Tower:
+    """What tells the two CLIP towers' files apart: config and model class, the prefix of the
+    ``...WithProjection`` layout and the projection's weight name (beside the prefix)."""
+
+    config: type
+    model: type
+    prefix: str
+    projection: str
+
+
+IMAGE_TOWER = Tower(CLIPVisionConfig, CLIPImageEncoder, "vision_model.", "visual_projection.weight")
+TEXT_TOWER = Tower(CLIPTextConfig, CLIPTextEncoder, "text_model.", "text_projection.weight")
+
+
+def load_tower(tower: Tower, folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
+               attention: str = "sdpa", chunk_size: int = 1024):
+    """Build the CLIP tower of ``folder/config.json`` and load its weights strictly.
+
+    Files with and without the tower's prefix load; the projection is optional (built only
+    when the file has it).
     """
     check_dtype(dtype)
     _check_mode(attention, chunk_size)
-    config = CLIPTextConfig.from_folder(folder)
+    config = tower.config.from_folder(folder)
     _check_geometry(config, str(folder))
-    state = split_tower(load_state(folder), "text_model.", "text_projection.weight")
+    state = split_tower(load_state(folder), tower.prefix, tower.projection)
     with torch.device("meta"):
-        model = CLIPTextEncoder(config, projection="text_projection.weight" in state)
+        model = tower.model(config, projection=tower.projection in state)
     load_weights(model, state, str(folder), dtype=torch_dtype(dtype), device=device)
     model.attention = attention
     model.chunk_size = chunk_size
     return model
+
+
+def load_image_encoder(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
+                       attention: str = "sdpa", chunk_size: int = 1024) -> CLIPImageEncoder:
+    """``load_tower`` of the vision tower: ``vision_model.`` prefix and ``visual_projection`` optional."""
+    return load_tower(IMAGE_TOWER, folder, dtype=dtype, device=device, attention=attention, chunk_size=chunk_size)
+
+
+def load_text_encoder(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
+                      attention: str = "sdpa", chunk_size: int = 1024) -> CLIPTextEncoder:
+    """``load_tower`` of the text tower: ``text_model.`` prefix and ``text_projection`` optional."""
+    return load_tower(TEXT_TOWER, folder, dtype=dtype, device=device, attention=attention, chunk_size=chunk_size)

@@ -29,7 +29,7 @@ from torch import nn
 
 from oxigaf.checkpoints import load_state
 from oxigaf.config import UNetConfig, check_attention, check_dtype, check_positive_int
-from oxigaf.errors import InputError, ModelLoadError
+from oxigaf.errors import InputError
 
 from .common import GroupNorm32, LayerNorm32, load_weights, resolve_attention, torch_dtype
 from .common import attention as scaled_attention
@@ -382,7 +382,7 @@ class MultiViewUNet(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        _check_geometry(c)
+        c.check_geometry()
         self.model_channels = c.model_channels
         self.in_channels = c.in_channels
         self.context_dim = c.context_dim
@@ -570,20 +570,6 @@ def _same_in_groups(t: torch.Tensor, num_frames: int) -> bool:
     """Whether every frame of each group of ``num_frames`` holds the same values as its first."""
     g = t.reshape(t.shape[0] // num_frames, num_frames, -1)
     return torch.equal(g[:, 1:], g[:, :1].expand(-1, num_frames - 1, -1))
-
-
-def _check_geometry(c: UNetConfig) -> None:
-    where = c.source or "UNet config"
-    if c.ip_dim < 0:
-        raise ModelLoadError(f"{where}: ip_dim must be >= 0; got {c.ip_dim}")
-    for mult in c.channel_mult:
-        ch = mult * c.model_channels
-        if ch % 32:
-            raise ModelLoadError(f"{where}: channel width {ch} is not a multiple of GroupNorm's 32 groups")
-        heads, dim_head = c.heads_for(ch)
-        if heads < 1 or dim_head < 1 or heads * dim_head != ch:
-            raise ModelLoadError(f"{where}: {ch} channels do not split into attention heads "
-                                 f"(num_heads {c.num_heads}, num_head_channels {c.num_head_channels})")
 
 
 def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
