@@ -49,6 +49,13 @@ def check_positive_int(value: int, name: str) -> int:
     return value
 
 
+def check_load_options(dtype: str, attention: str, chunk_size: int) -> None:
+    """The options every backend's model loader takes, checked before any file is read."""
+    check_dtype(dtype)
+    check_attention(attention)
+    check_positive_int(chunk_size, "chunk_size")
+
+
 def check_finite(value: float, name: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number; got {value!r}")

@@ -25,7 +25,7 @@ from oxigaf.checkpoints import load_state, strip_prefix
 from oxigaf.config import CLIPTextConfig, CLIPVisionConfig, check_attention, check_dtype
 from oxigaf.errors import InputError, ModelLoadError
 
-from .common import attention, load_weights, mlx_dtype, nchw_to_nhwc, norm32, resolve_attention
+from .common import attention, load_model, nchw_to_nhwc, norm32, resolve_attention
 
 
 def _quick_gelu(x: mx.array) -> mx.array:
@@ -299,11 +299,8 @@ def load_tower(tower: Tower, folder: str | os.PathLike, *, dtype: str = "float32
     config = tower.config.from_folder(folder)
     _check_geometry(config, str(folder))
     state = split_tower(load_state(folder), tower.prefix, tower.projection)
-    model = tower.model(config, projection=tower.projection in state)
-    load_weights(model, state, str(folder), dtype=mlx_dtype(dtype))
-    model.attention = attention
-    model.chunk_size = chunk_size
-    return model
+    return load_model(lambda: tower.model(config, projection=tower.projection in state), state, str(folder),
+                      dtype=dtype, attention=attention, chunk_size=chunk_size)
 
 
 def load_image_encoder(folder: str | os.PathLike, *, dtype: str = "float32",

@@ -25,7 +25,7 @@ from oxigaf.checkpoints import load_state, strip_prefix
 from oxigaf.config import CLIPTextConfig, CLIPVisionConfig, check_attention, check_dtype
 from oxigaf.errors import InputError, ModelLoadError
 
-from .common import LayerNorm32, attention, load_weights, resolve_attention, torch_dtype
+from .common import LayerNorm32, attention, load_model, resolve_attention
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -298,12 +298,8 @@ def load_tower(tower: Tower, folder: str | os.PathLike, *, dtype: str = "float32
     config = tower.config.from_folder(folder)
     _check_geometry(config, str(folder))
     state = split_tower(load_state(folder), tower.prefix, tower.projection)
-    with torch.device("meta"):
-        model = tower.model(config, projection=tower.projection in state)
-    load_weights(model, state, str(folder), dtype=torch_dtype(dtype), device=device)
-    model.attention = attention
-    model.chunk_size = chunk_size
-    return model
+    return load_model(lambda: tower.model(config, projection=tower.projection in state), state, str(folder),
+                      dtype=dtype, device=device, attention=attention, chunk_size=chunk_size)
 
 
 def load_image_encoder(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
