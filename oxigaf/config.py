@@ -300,6 +300,25 @@ class VAEConfig(_ModelConfig):
     force_upcast: bool = True
     source: str = ""
 
+    def check_geometry(self) -> None:
+        """Refuse configs the backends do not build (rather than build something else): block
+        types, activation, and every block width a multiple of ``norm_num_groups``."""
+        where = self.source or "VAE config"
+        n = len(self.block_out_channels)
+        if n < 1:
+            raise ModelLoadError(f"{where}: block_out_channels is empty")
+        bad = [t for t in self.down_block_types if t != "DownEncoderBlock2D"]
+        bad += [t for t in self.up_block_types if t != "UpDecoderBlock2D"]
+        if bad:
+            raise ModelLoadError(f"{where}: unsupported VAE block types {sorted(set(bad))} "
+                                 "(only DownEncoderBlock2D / UpDecoderBlock2D)")
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ModelLoadError(f"{where}: down/up_block_types must have one entry per block_out_channels ({n})")
+        if self.act_fn not in ("silu", "swish"):
+            raise ModelLoadError(f"{where}: unsupported act_fn {self.act_fn!r} (only silu)")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ModelLoadError(f"{where}: block_out_channels must be divisible by norm_num_groups")
+
 
 @dataclass(frozen=True)
 class CLIPVisionConfig(_ModelConfig):

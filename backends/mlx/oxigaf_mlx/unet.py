@@ -24,7 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from oxigaf.checkpoints import load_state
-from oxigaf.config import UNetConfig, check_load_options
+from oxigaf.config import UNET_NORM_GROUPS, UNetConfig, check_load_options
 from oxigaf.errors import InputError
 
 from . import common
@@ -37,8 +37,6 @@ RESAMPLER_HEADS = 12
 RESAMPLER_DIM_HEAD = 64
 RESAMPLER_EMBEDDING_DIM = 1280  # CLIP ViT-H/14 hidden size
 RESAMPLER_FF_MULT = 4
-
-GROUPS = 32
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,7 @@ class SpatialTransformer3D(nn.Module):
     def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int, ip_dim: int):
         super().__init__()
         inner = heads * dim_head
-        self.norm = group_norm(GROUPS, channels, eps=1e-6)
+        self.norm = group_norm(UNET_NORM_GROUPS, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = [
             BasicTransformerBlock3D(inner, heads, dim_head, context_dim, ip_dim) for _ in range(depth)
@@ -154,10 +152,10 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = [group_norm(GROUPS, channels, eps=1e-5), nn.SiLU(),
+        self.in_layers = [group_norm(UNET_NORM_GROUPS, channels, eps=1e-5), nn.SiLU(),
                           nn.Conv2d(channels, out_channels, 3, padding=1)]
         self.emb_layers = [nn.SiLU(), nn.Linear(emb_channels, out_channels)]
-        self.out_layers = [group_norm(GROUPS, out_channels, eps=1e-5), nn.SiLU(), nn.Dropout(0.0),
+        self.out_layers = [group_norm(UNET_NORM_GROUPS, out_channels, eps=1e-5), nn.SiLU(), nn.Dropout(0.0),
                            nn.Conv2d(out_channels, out_channels, 3, padding=1)]
         if out_channels != channels:
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
@@ -313,7 +311,7 @@ class MultiViewUNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(layers)
 
-        self.out = [group_norm(GROUPS, ch, eps=1e-5), nn.SiLU(),
+        self.out = [group_norm(UNET_NORM_GROUPS, ch, eps=1e-5), nn.SiLU(),
                     nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)]
 
     @property

@@ -334,25 +334,6 @@ class VAE(nn.Module):
 # --------------------------------------------------------------------------- loading
 
 
-def check_vae_config(cfg: VAEConfig) -> None:
-    """Refuse configs this implementation does not build (rather than build something else)."""
-    where = cfg.source or "VAE config"
-    n = len(cfg.block_out_channels)
-    if n < 1:
-        raise ModelLoadError(f"{where}: block_out_channels is empty")
-    bad = [t for t in cfg.down_block_types if t != "DownEncoderBlock2D"]
-    bad += [t for t in cfg.up_block_types if t != "UpDecoderBlock2D"]
-    if bad:
-        raise ModelLoadError(f"{where}: unsupported VAE block types {sorted(set(bad))} "
-                             "(only DownEncoderBlock2D / UpDecoderBlock2D)")
-    if len(cfg.down_block_types) != n or len(cfg.up_block_types) != n:
-        raise ModelLoadError(f"{where}: down/up_block_types must have one entry per block_out_channels ({n})")
-    if cfg.act_fn not in ("silu", "swish"):
-        raise ModelLoadError(f"{where}: unsupported act_fn {cfg.act_fn!r} (only silu)")
-    if any(c % cfg.norm_num_groups for c in cfg.block_out_channels):
-        raise ModelLoadError(f"{where}: block_out_channels must be divisible by norm_num_groups")
-
-
 def read_vae_state(folder) -> dict[str, np.ndarray]:
     """The VAE's tensors with legacy (diffusers < 0.14) mid-block attention names mapped to today's."""
     out: dict[str, np.ndarray] = {}
@@ -374,7 +355,7 @@ def load_vae(folder: str | os.PathLike, *, dtype: str = "float32", tile_size: in
     """
     check_load_options(dtype, attention, chunk_size)
     config = VAEConfig.from_folder(folder)
-    check_vae_config(config)
+    config.check_geometry()
     tile_size, tile_overlap = _tile_plan(tile_size, tile_overlap, 2 ** (len(config.block_out_channels) - 1))
     model = common.load_model(lambda: VAE(config), read_vae_state(folder), str(folder), dtype=dtype,
                               attention=attention, chunk_size=chunk_size)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxigaf.checkpoints import load_state
-from oxigaf.config import UNetConfig, check_load_options
+from oxigaf.config import UNET_NORM_GROUPS, UNetConfig, check_load_options
 from oxigaf.errors import InputError
 
 from . import common
@@ -217,7 +217,7 @@ class SpatialTransformer3D(nn.Module):
     def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int, ip_dim: int):
         super().__init__()
         inner = heads * dim_head
-        self.norm = GroupNorm32(32, channels, eps=1e-6)
+        self.norm = GroupNorm32(UNET_NORM_GROUPS, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock3D(inner, heads, dim_head, context_dim, ip_dim) for _ in range(depth)]
@@ -245,12 +245,13 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.in_layers = nn.Sequential(
-            GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(UNET_NORM_GROUPS, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # out_layers.2 is the reference's Dropout slot
         self.out_layers = nn.Sequential(
-            GroupNorm32(32, out_channels), nn.SiLU(), nn.Identity(), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            GroupNorm32(UNET_NORM_GROUPS, out_channels), nn.SiLU(), nn.Identity(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -411,7 +412,7 @@ class MultiViewUNet(nn.Module):
                 self.output_blocks.append(CondSequential(*layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
+            GroupNorm32(UNET_NORM_GROUPS, ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
         )
 
     # -- helpers ---------------------------------------------------------------------------
