@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import read_json
+from .checkpoints import load_state, read_json, strip_prefix
 from .errors import ConfigError, ModelLoadError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -410,3 +410,29 @@ class UpsamplerUNetConfig(_ModelConfig):
     norm_eps: float = 1e-5
     time_embedding_dim: int | None = None
     source: str = ""
+
+
+@dataclass(frozen=True)
+class CLIPTower:
+    """What tells the two CLIP towers' files apart (the backends add the model class): the config
+    class, the tower prefix of the ``...WithProjection`` layout and the projection's weight name,
+    which stands beside the prefix, never under it."""
+
+    config: type
+    prefix: str
+    projection: str
+
+    def read_state(self, folder: str | os.PathLike) -> dict:
+        """The tower's tensors in the bare layout: the prefix is dropped when *every* tower key has
+        it (the projection is set aside first). A file mixing both spellings keeps its prefixed
+        keys, and the strict check names them."""
+        state = dict(load_state(folder))
+        proj = state.pop(self.projection, None)
+        state = strip_prefix(state, self.prefix)
+        if proj is not None:
+            state[self.projection] = proj
+        return state
+
+
+IMAGE_TOWER = CLIPTower(CLIPVisionConfig, "vision_model.", "visual_projection.weight")
+TEXT_TOWER = CLIPTower(CLIPTextConfig, "text_model.", "text_projection.weight")

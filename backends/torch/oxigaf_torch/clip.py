@@ -14,15 +14,20 @@ attention softmax scale is head_dim^-1/2, the text tower is causal.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oxigaf.checkpoints import load_state, strip_prefix
-from oxigaf.config import CLIPTextConfig, CLIPVisionConfig, check_attention, check_dtype
+from oxigaf.config import (
+    IMAGE_TOWER,
+    TEXT_TOWER,
+    CLIPTextConfig,
+    CLIPTower,
+    CLIPVisionConfig,
+    check_attention,
+    check_dtype,
+)
 from oxigaf.errors import InputError, ModelLoadError
 
 from .common import LayerNorm32, attention, load_model, resolve_attention
@@ -49,20 +54,6 @@ def _check_geometry(config, where: str) -> None:
             f"{where}: hidden_size {config.hidden_size} is not a multiple of "
             f"num_attention_heads {config.num_attention_heads}"
         )
-
-
-def split_tower(state: dict[str, np.ndarray], prefix: str, projection: str) -> dict[str, np.ndarray]:
-    """Bring a file to the bare layout: drop the tower prefix when *every* tower key has it.
-
-    The projection lives beside the tower, never under its prefix, so it is set aside first.
-    A file mixing both spellings keeps its prefixed keys, and the strict check names them.
-    """
-    state = dict(state)
-    proj = state.pop(projection, None)
-    state = strip_prefix(state, prefix)
-    if proj is not None:
-        state[projection] = proj
-    return state
 
 
 # --------------------------------------------------------------------------- shared blocks
@@ -271,24 +262,10 @@ class CLIPTextEncoder(nn.Module):
 # --------------------------------------------------------------------------- loading
 
 
-@dataclass(frozen=True)
-class Tower:
-    """What tells the two CLIP towers' files apart: config and model class, the prefix of the
-    ``...WithProjection`` layout and the projection's weight name (beside the prefix)."""
-
-    config: type
-    model: type
-    prefix: str
-    projection: str
-
-
-IMAGE_TOWER = Tower(CLIPVisionConfig, CLIPImageEncoder, "vision_model.", "visual_projection.weight")
-TEXT_TOWER = Tower(CLIPTextConfig, CLIPTextEncoder, "text_model.", "text_projection.weight")
-
-
-def load_tower(tower: Tower, folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
-               attention: str = "sdpa", chunk_size: int = 1024):
-    """Build the CLIP tower of ``folder/config.json`` and load its weights strictly.
+def load_tower(tower: CLIPTower, model: type, folder: str | os.PathLike, *, dtype: str = "float32",
+               device: str | torch.device = "cpu", attention: str = "sdpa", chunk_size: int = 1024):
+    """Build ``model`` (this backend's encoder class for ``tower``) from ``folder/config.json`` and
+    load its weights strictly: the one loader of both towers.
 
     Files with and without the tower's prefix load; the projection is optional (built only
     when the file has it).
@@ -297,18 +274,20 @@ def load_tower(tower: Tower, folder: str | os.PathLike, *, dtype: str = "float32
     _check_mode(attention, chunk_size)
     config = tower.config.from_folder(folder)
     _check_geometry(config, str(folder))
-    state = split_tower(load_state(folder), tower.prefix, tower.projection)
-    return load_model(lambda: tower.model(config, projection=tower.projection in state), state, str(folder),
+    state = tower.read_state(folder)
+    return load_model(lambda: model(config, projection=tower.projection in state), state, str(folder),
                       dtype=dtype, device=device, attention=attention, chunk_size=chunk_size)
 
 
 def load_image_encoder(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
                        attention: str = "sdpa", chunk_size: int = 1024) -> CLIPImageEncoder:
     """``load_tower`` of the vision tower: ``vision_model.`` prefix and ``visual_projection`` optional."""
-    return load_tower(IMAGE_TOWER, folder, dtype=dtype, device=device, attention=attention, chunk_size=chunk_size)
+    return load_tower(IMAGE_TOWER, CLIPImageEncoder, folder, dtype=dtype, device=device, attention=attention,
+                      chunk_size=chunk_size)
 
 
 def load_text_encoder(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
                       attention: str = "sdpa", chunk_size: int = 1024) -> CLIPTextEncoder:
     """``load_tower`` of the text tower: ``text_model.`` prefix and ``text_projection`` optional."""
-    return load_tower(TEXT_TOWER, folder, dtype=dtype, device=device, attention=attention, chunk_size=chunk_size)
+    return load_tower(TEXT_TOWER, CLIPTextEncoder, folder, dtype=dtype, device=device, attention=attention,
+                      chunk_size=chunk_size)
