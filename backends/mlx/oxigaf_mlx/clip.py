@@ -20,15 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from oxigaf.config import (
-    IMAGE_TOWER,
-    TEXT_TOWER,
-    CLIPTextConfig,
-    CLIPTower,
-    CLIPVisionConfig,
-    check_attention,
-    check_dtype,
-)
+from oxigaf.config import IMAGE_TOWER, TEXT_TOWER, CLIPTextConfig, CLIPTower, CLIPVisionConfig, check_load_options
 from oxigaf.errors import InputError, ModelLoadError
 
 from .common import attention, load_model, nchw_to_nhwc, norm32, resolve_attention
@@ -113,12 +105,6 @@ class CLIPEncoder(nn.Module):
             x = layer(x, mask, mode, chunk_size)
             states.append(x)
         return states
-
-
-def _check_mode(attention_mode: str, chunk_size: int) -> None:
-    check_attention(attention_mode)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
 
 
 # --------------------------------------------------------------------------- vision
@@ -272,8 +258,7 @@ def load_tower(tower: CLIPTower, model: type, folder: str | os.PathLike, *, dtyp
     Files with and without the tower's prefix load; the projection is optional (built only
     when the file has it).
     """
-    check_dtype(dtype)
-    _check_mode(attention, chunk_size)
+    check_load_options(dtype, attention, chunk_size)
     config = tower.config.from_folder(folder)
     _check_geometry(config, str(folder))
     state = tower.read_state(folder)
