@@ -49,7 +49,6 @@ REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 IMAGE_COMPONENTS = ("image_encoder", "feature_extractor")
 COMPONENT_CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig,
                      "image_encoder": CLIPVisionConfig}
-NORM_GROUPS = 32  # GroupNorm groups of every UNet block (the reference's normalization())
 
 
 @dataclass(frozen=True)
@@ -222,15 +221,7 @@ class Pipeline:
             read_shapes(self.model_path / name)
         unet, vae, text = cfg["unet"], cfg["vae"], cfg["text_encoder"]
         where = self.model_path / "unet"
-        for mult in unet.channel_mult:
-            ch = mult * unet.model_channels
-            heads, head_dim = unet.heads_for(ch) if ch > 0 else (0, 0)
-            if ch <= 0 or ch % NORM_GROUPS or heads < 1 or heads * head_dim != ch:
-                raise ModelLoadError(
-                    f"{unet.source}: a block of {ch} channels (model_channels {unet.model_channels} x {mult}) "
-                    f"cannot be built: it needs a positive multiple of {NORM_GROUPS} that splits into attention "
-                    f"heads (num_heads {unet.num_heads}, num_head_channels {unet.num_head_channels})"
-                )
+        unet.check_geometry()
         if self.image_conditioned and unet.ip_dim <= 0:
             raise ModelLoadError(
                 f"{where} holds a text-only MVDream UNet (no ip_dim), but {self.model_path} is laid out as "
