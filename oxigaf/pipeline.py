@@ -632,8 +632,7 @@ class Pipeline:
         cfg = self.config
         strength = self._strength(strength)
         steps = self._steps(num_inference_steps)
-        k = min(int(steps * strength), steps)
-        if k < 1:
+        if int(steps * strength) < 1:
             raise ConfigError(f"strength {strength} of {steps} steps runs no denoising step "
                               f"(int({steps} × {strength}) = 0): use a larger strength or more num_inference_steps")
         guidance = check_guidance(cfg.guidance_scale if guidance_scale is None else guidance_scale)
@@ -658,8 +657,7 @@ class Pipeline:
         timings = {"conditioning": time.perf_counter() - t0}
 
         t0 = time.perf_counter()
-        self.scheduler.set_timesteps(steps)
-        timesteps = self.scheduler.timesteps[steps - k:]
+        timesteps = self.scheduler.img2img_timesteps(steps, strength)
         x = self._with_reference_slot(self.scheduler.add_noise(view_latents, noise, int(timesteps[0])), frames)
         if map_latents is not None:
             map_latents = self.backend.asarray(map_latents)

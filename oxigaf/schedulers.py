@@ -446,6 +446,13 @@ class DDIMScheduler(_Scheduler):
         self.timesteps = ts
         return ts
 
+    def img2img_timesteps(self, num_inference_steps: int, strength: float) -> np.ndarray:
+        """The tail of the ``num_inference_steps`` grid that SDEdit / img2img runs, as diffusers' img2img
+        pipelines pick it: ``k = min(int(N·strength), N)``, ``timesteps[N − k:]``. Sets the grid."""
+        ts = self.set_timesteps(num_inference_steps)
+        n = self.num_inference_steps
+        return ts[n - min(int(n * strength), n):]
+
     def previous_timestep(self, t: int) -> int:
         """The timestep a step from ``t`` lands on (negative: past the end, ᾱ = ``final_alpha_cumprod``)."""
         return int(t) - self.config.num_train_timesteps // self._require_timesteps()

@@ -43,23 +43,41 @@ def normals_model(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def results(request, normals_model):
+def compute(backend: str, normals_model) -> dict:
     """Every reference case on one backend (each pipeline built once)."""
-    pipe = Pipeline.from_pretrained(MODEL, backend=request.param)
+    pipe = Pipeline.from_pretrained(MODEL, backend=backend)
     cond_b = pipe.condition(PHOTO, prompt=CASES["b"]["prompt"])
     sds = CASES["sds"]
-    out = {
+    normal_pipe = Pipeline.from_pretrained(normals_model, backend=backend)
+    return {
         "pipe": pipe,
+        "normal_pipe": normal_pipe,
         "a": refine_case(pipe, "a"),
         "b": refine_case(pipe, "b", image=cond_b),
         "sds": pipe.score_distillation(pipe.encode(RENDERS), cond_b, cams(sds), sds["timestep"], noise=NOISE,
                                        guidance_scale=sds["guidance_scale"], prompt=sds["prompt"]),
+        "c": refine_case(normal_pipe, "c", normals=NORMALS),
     }
-    normal_pipe = Pipeline.from_pretrained(normals_model, backend=request.param)
-    out["normal_pipe"] = normal_pipe
-    out["c"] = refine_case(normal_pipe, "c", normals=NORMALS)
-    return out
+
+
+@pytest.fixture(scope="module")
+def all_results(normals_model):
+    return {b: compute(b, normals_model) for b in BACKENDS}
+
+
+@pytest.fixture(params=BACKENDS)
+def results(request, all_results):
+    return all_results[request.param]
+
+
+@pytest.fixture
+def first(all_results):
+    """Behaviour tests run on the first backend; parity holds on all (tests above)."""
+    return all_results[BACKENDS[0]]
+
+
+# A one-step refinement (strength 0.1 of 10 steps) keeps behaviour tests cheap.
+ONE_STEP = dict(strength=0.1, num_inference_steps=10, noise=NOISE, progress=False)
 
 
 @pytest.mark.parametrize("case", ["a", "b", "c"])
@@ -78,45 +96,53 @@ def test_score_distillation_equals_reference(results):
 
 
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs two backends")
-def test_backends_agree():
+@pytest.mark.parametrize("case", ["a", "c", "sds"])
+def test_backends_agree(all_results, case):
     # Each backend matches the reference above; here they are compared with each other directly.
-    outs = [refine_case(Pipeline.from_pretrained(MODEL, backend=b), "a") for b in BACKENDS]
-    assert rel_l2(outs[1].latents, outs[0].latents) <= 1e-4
+    outs = [all_results[b][case] for b in BACKENDS]
+    outs = [getattr(o, "latents", o) for o in outs]
+    assert rel_l2(outs[1], outs[0]) <= 1e-4
 
 
-def test_timesteps_follow_diffusers_img2img_rule(results):
-    # The img2img rule as diffusers' StableDiffusionImg2ImgPipeline.get_timesteps applies it to its
-    # DDIMScheduler, against what refine ran (seen through the callback).
+@pytest.mark.parametrize("steps", [1, 10, 20, 50, 7])
+@pytest.mark.parametrize("strength", [0.02, 0.1, 0.25, 0.5, 0.6, 0.8, 0.981, 1.0])
+def test_timesteps_follow_diffusers_img2img_rule(first, steps, strength):
+    # diffusers' img2img rule (StableDiffusionImg2ImgPipeline.get_timesteps) on its DDIMScheduler.
     from diffusers import DDIMScheduler
 
     ref = DDIMScheduler.from_pretrained(MODEL / "scheduler")
-    for name in ("a", "b", "c"):
+    ref.set_timesteps(steps)
+    init = min(int(steps * strength), steps)
+    expected = ref.timesteps[max(steps - init, 0):].tolist()
+    assert first["pipe"].scheduler.img2img_timesteps(steps, strength).tolist() == expected
+
+
+def test_refine_runs_the_img2img_timesteps(first):
+    for name in ("a", "b"):
         c = CASES[name]
-        n = c["num_inference_steps"]
-        ref.set_timesteps(n)
-        init = min(int(n * c["strength"]), n)
-        expected = ref.timesteps[max(n - init, 0):].tolist()
-        assert expected == c["timesteps"]
-        seen = []
-        pipe = results["normal_pipe"] if name == "c" else results["pipe"]
-        kw = {"normals": NORMALS} if name == "c" else {}
-        pipe.refine(RENDERS, PHOTO, cams(c), strength=c["strength"], num_inference_steps=n, guidance_scale=1.0,
-                    noise=NOISE, progress=False, callback=lambda i, t, x, seen=seen: seen.append(t), **kw)
-        assert seen == expected
+        assert first["pipe"].scheduler.img2img_timesteps(c["num_inference_steps"], c["strength"]).tolist() == \
+            c["timesteps"]
+    seen = []
+    first["pipe"].refine(RENDERS, PHOTO, cams(CASES["a"]), strength=0.3, num_inference_steps=10,
+                         guidance_scale=1.0, noise=NOISE, progress=False, callback=lambda i, t, x: seen.append(t))
+    assert seen == [201, 101, 1]
 
 
-def test_conditioning_object_equals_photo(results):
-    pipe = results["pipe"]
-    via_photo = refine_case(pipe, "a")
-    via_cond = refine_case(pipe, "a", image=pipe.condition(PHOTO))
+def test_conditioning_object_equals_photo(first):
+    pipe = first["pipe"]
+    via_photo = pipe.refine(RENDERS, PHOTO, cams(CASES["a"]), **ONE_STEP)
+    via_cond = pipe.refine(RENDERS, pipe.condition(PHOTO), cams(CASES["a"]), **ONE_STEP)
     np.testing.assert_array_equal(via_cond.latents, via_photo.latents)
     # A Conditioning made with one prompt and used with another takes the new prompt's text.
-    other = refine_case(pipe, "b", image=pipe.condition(PHOTO, prompt="something else"))
-    assert rel_l2(other.latents, EXPECTED["b_latents"]) <= 1e-4
+    prompted = pipe.refine(RENDERS, PHOTO, cams(CASES["a"]), prompt="a toy", **ONE_STEP)
+    other = pipe.refine(RENDERS, pipe.condition(PHOTO, prompt="something else"), cams(CASES["a"]),
+                        prompt="a toy", **ONE_STEP)
+    np.testing.assert_array_equal(other.latents, prompted.latents)
+    assert rel_l2(prompted.latents, via_photo.latents) > 1e-4
 
 
-def test_tiny_strength_is_close_to_a_vae_round_trip(results):
-    pipe = results["pipe"]
+def test_tiny_strength_is_close_to_a_vae_round_trip(first):
+    pipe = first["pipe"]
     out = pipe.refine(RENDERS, PHOTO, cams(CASES["a"]), strength=0.02, num_inference_steps=50, noise=NOISE,
                       progress=False)
     round_trip = pipe.decode(pipe.encode(RENDERS))
@@ -125,8 +151,8 @@ def test_tiny_strength_is_close_to_a_vae_round_trip(results):
     assert close < 0.1 * far, (close, far)
 
 
-def test_encode_keeps_float_views_and_resizes(results):
-    pipe = results["pipe"]
+def test_encode_keeps_float_views_and_resizes(first):
+    pipe = first["pipe"]
     z = pipe.encode(RENDERS)
     assert z.shape == (4, 4, 32, 32) and z.dtype == np.float32
     # Floats are not rounded to 8 bits: the rounded views encode to something else.
@@ -139,25 +165,27 @@ def test_encode_keeps_float_views_and_resizes(results):
     assert rel_l2(pipe.encode(big), z[:1]) < 0.05
 
 
-def test_normals_stay_in_both_branches(results):
-    # The maps reach the model: flat maps instead of case c's move the result far from the reference.
-    out = refine_case(results["normal_pipe"], "c", normals=np.full_like(NORMALS, 0.5))
-    assert rel_l2(out.latents, EXPECTED["c_latents"]) > 1e-3
+def test_normals_reach_the_model(first):
+    # Flat maps instead of case c's change the refined latents.
+    pipe = first["normal_pipe"]
+    a = pipe.refine(RENDERS, PHOTO, cams(CASES["c"]), normals=NORMALS, **ONE_STEP)
+    b = pipe.refine(RENDERS, PHOTO, cams(CASES["c"]), normals=np.full_like(NORMALS, 0.5), **ONE_STEP)
+    assert rel_l2(a.latents, b.latents) > 1e-3
 
 
-def test_a_gaf_loop_allocates_nothing_that_grows(results):
+def test_a_gaf_loop_allocates_nothing_that_grows(first):
     import tracemalloc
 
-    pipe = results["pipe"]
+    pipe = first["pipe"]
     cond = pipe.condition(PHOTO)
-    kw = dict(strength=0.2, num_inference_steps=10, noise=NOISE, progress=False)
+    kw = dict(ONE_STEP, guidance_scale=1.0)
     pipe.refine(RENDERS, cond, cams(CASES["a"]), **kw)
     tracemalloc.start()
     pipe.refine(RENDERS, cond, cams(CASES["a"]), **kw)
-    first = tracemalloc.get_traced_memory()[0]
+    first_size = tracemalloc.get_traced_memory()[0]
     for _ in range(3):
         pipe.refine(RENDERS, cond, cams(CASES["a"]), **kw)
-    grown = tracemalloc.get_traced_memory()[0] - first
+    grown = tracemalloc.get_traced_memory()[0] - first_size
     tracemalloc.stop()
     assert grown < 1 << 20, grown
 
@@ -177,8 +205,8 @@ BAD_REFINE = [
 
 
 @pytest.mark.parametrize("change, error, words", BAD_REFINE)
-def test_bad_refine_arguments_are_named(results, change, error, words):
-    pipe = results["pipe"]
+def test_bad_refine_arguments_are_named(first, change, error, words):
+    pipe = first["pipe"]
     kw = dict(views=RENDERS, image=PHOTO, cameras=cams(CASES["a"]), strength=0.5, num_inference_steps=10,
               noise=NOISE, progress=False)
     kw.update(change)
@@ -190,8 +218,8 @@ def test_bad_refine_arguments_are_named(results, change, error, words):
 @pytest.mark.parametrize("normals, words", [(None, "pass normals= with 5 normal maps"),
                                             (NORMALS[:4], "5 normal maps"),
                                             ([NORMALS[0]] * 6, "got 6")])
-def test_normal_conditioned_model_needs_its_maps(results, normals, words):
-    pipe = results["normal_pipe"]
+def test_normal_conditioned_model_needs_its_maps(first, normals, words):
+    pipe = first["normal_pipe"]
     with pytest.raises(InputError) as info:
         pipe.refine(RENDERS, PHOTO, cams(CASES["c"]), strength=0.5, num_inference_steps=10, noise=NOISE,
                     normals=normals, progress=False)
@@ -201,14 +229,14 @@ def test_normal_conditioned_model_needs_its_maps(results, normals, words):
 
 
 @pytest.mark.parametrize("timestep", [-1, 1000, 2.5, "500", True])
-def test_score_distillation_timestep_is_checked(results, timestep):
-    pipe = results["pipe"]
+def test_score_distillation_timestep_is_checked(first, timestep):
+    pipe = first["pipe"]
     with pytest.raises(InputError, match="timestep"):
         pipe.score_distillation(pipe.encode(RENDERS[:1]), PHOTO, [0.0], timestep, noise=NOISE[:1])
 
 
-def test_score_distillation_latents_are_checked(results):
-    pipe = results["pipe"]
+def test_score_distillation_latents_are_checked(first):
+    pipe = first["pipe"]
     z = pipe.encode(RENDERS)
     with pytest.raises(InputError, match="latents must have shape"):
         pipe.score_distillation(z[:, :, :16], PHOTO, cams(CASES["sds"]), 500)
@@ -218,11 +246,11 @@ def test_score_distillation_latents_are_checked(results):
         pipe.score_distillation(z, PHOTO, [0.0, 90.0], 500)
 
 
-def test_conditioning_of_another_pipeline_is_refused(results, normals_model):
-    cond = results["pipe"].condition(PHOTO)
+def test_conditioning_of_another_pipeline_is_refused(first, normals_model):
+    cond = first["pipe"].condition(PHOTO)
     assert isinstance(cond, Conditioning)
     with pytest.raises(InputError, match="call condition"):
-        results["normal_pipe"].refine(RENDERS, cond, cams(CASES["c"]), normals=NORMALS, progress=False)
+        first["normal_pipe"].refine(RENDERS, cond, cams(CASES["c"]), normals=NORMALS, progress=False)
 
 
 def test_preflight_refuses_other_channel_layouts(tmp_path):
@@ -239,9 +267,9 @@ def test_preflight_refuses_other_channel_layouts(tmp_path):
         Pipeline.from_pretrained(tmp_path, backend=BACKENDS[0])
 
 
-def test_generate_with_normals_uses_them(results):
-    pipe = results["normal_pipe"]
-    kw = dict(cameras=cams(CASES["c"]), num_inference_steps=2, guidance_scale=1.0, progress=False)
+def test_generate_with_normals_uses_them(first):
+    pipe = first["normal_pipe"]
+    kw = dict(cameras=cams(CASES["c"]), num_inference_steps=1, guidance_scale=1.0, progress=False)
     a = pipe.generate(PHOTO, normals=NORMALS, **kw)
     b = pipe.generate(PHOTO, normals=NORMALS[::-1].copy(), **kw)
     assert rel_l2(a.latents, b.latents) > 1e-3
