@@ -439,7 +439,7 @@ def _record(item: BatchItem, settings: BatchSettings, status: str, seconds: floa
             error: str | None) -> dict:
     return {"id": item.id, "status": status, "error": error, "seconds": round(seconds, 4),
             "output": str(output) if output is not None else None, "settings_hash": settings_hash(settings, item),
-            "image": item.image, "seed": item.seed}
+            "image": item.image, "seed": item.seed, "finished": round(time.time(), 3)}
 
 
 def run_chunk(pipe, chunk: list[BatchItem], settings: BatchSettings, out: Path) -> Iterator[dict]:

@@ -78,7 +78,10 @@ def _records(ray, chunks, settings, out, address, workers, gpus_per_worker) -> I
     started = not ray.is_initialized()
     if started:
         try:
-            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+            # Joining a cluster takes the address alone (its resources are the cluster's); a new
+            # local one needs no dashboard.
+            kwargs = {"address": address} if address else {"include_dashboard": False}
+            ray.init(logging_level="WARNING", **kwargs)
         except Exception as exc:  # ConnectionError, RuntimeError, ValueError...: the address is unusable
             raise ConfigError(f"cannot start or join a Ray cluster at {address or '(local)'}: {exc}") from exc
     try:
