@@ -38,6 +38,8 @@ GROUP_SECONDS = 1.0
 CONFIGS = [
     {"engine": "local", "batch_size": 1},
     {"engine": "local", "batch_size": 2},
+    # Ray gives each actor OMP_NUM_THREADS = its CPUs (1 here); the same for the local engine:
+    {"engine": "local", "batch_size": 2, "torch_threads": 1},
     {"engine": "ray", "workers": 1, "batch_size": 2},
     {"engine": "ray", "workers": 2, "batch_size": 2},
 ]
@@ -58,13 +60,28 @@ def _photos(folder: Path, items: int) -> Path:
     return manifest
 
 
+def _set_torch_threads(n: int | None) -> int | None:
+    """Set torch's intra-op threads (this process only); returns the previous count."""
+    if n is None:
+        return None
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return previous
+
+
 def _one(manifest: Path, out: Path, settings, config: dict) -> dict:
     from oxigaf.batch import read_results, run_batch
 
+    threads = _set_torch_threads(config.get("torch_threads"))
     load0 = os.getloadavg()[0]
     t0 = time.time()
-    summary = run_batch(manifest, out, settings, engine=config["engine"], workers=config.get("workers", 1),
-                        batch_size=config["batch_size"], progress=False)
+    try:
+        summary = run_batch(manifest, out, settings, engine=config["engine"], workers=config.get("workers", 1),
+                            batch_size=config["batch_size"], progress=False)
+    finally:
+        _set_torch_threads(threads)
     wall = time.time() - t0
     finished = sorted(r["finished"] for r in read_results(out / "results.jsonl").values())
     # The first group of items saved together (the first chunk of each worker) only marks the start.
@@ -106,10 +123,11 @@ def main(argv=None) -> int:
            "guidance": args.guidance, "backend": args.backend, "results": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"\n{'engine':8} {'workers':>7} {'batch':>5} {'end-to-end img/min':>19} {'steady img/min':>15} "
-          f"{'wall s':>7} {'load':>11}")
+    print(f"\n{'engine':8} {'workers':>7} {'batch':>5} {'threads':>7} {'end-to-end img/min':>19} "
+          f"{'steady img/min':>15} {'wall s':>7} {'load':>11}")
     for r in results:
-        print(f"{r['engine']:8} {r.get('workers', '-'):>7} {r['batch_size']:>5} "
+        threads = r.get("torch_threads") or ("1/actor" if r["engine"] == "ray" else "default")
+        print(f"{r['engine']:8} {r.get('workers', '-'):>7} {r['batch_size']:>5} {threads:>7} "
               f"{r['end_to_end_images_per_minute']:>19} {r['steady_images_per_minute']!s:>15} "
               f"{r['wall_seconds']:>7} {r['load_average'][0]:>5}-{r['load_average'][1]:<5}")
     return 0
