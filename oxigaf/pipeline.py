@@ -338,14 +338,13 @@ class Pipeline:
         """
         if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
             raise InputError("prompt and negative_prompt must be strings")
-        text = None
+        encoded: dict[tuple[str, str], tuple] = {}  # each (prompt, negative prompt) encoded once
 
         def text_states(pos: str, neg: str):
-            nonlocal text
-            if text is None or text[0] != (pos, neg):
+            if (pos, neg) not in encoded:
                 states = self._encode_text([neg, pos])
-                text = ((pos, neg), states[1:2], states[0:1])
-            return text[1], text[2]
+                encoded[pos, neg] = (states[1:2], states[0:1])
+            return encoded[pos, neg]
 
         out = []
         for src in sources:
