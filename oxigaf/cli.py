@@ -93,6 +93,8 @@ def _add_train_parser(sub) -> None:
     tr.add_argument("--size", type=int, default=None, help="training resolution in pixels (default: the model's)")
     tr.add_argument("--image-dropout", type=float, default=0.1, help="CFG image-condition dropout (default 0.1)")
     tr.add_argument("--text-dropout", type=float, default=0.1, help="CFG text dropout (default 0.1)")
+    tr.add_argument("--reference-frame", type=int, default=None,
+                    help="use this frame of every subject as the reference (default: a random frame per sample)")
     tr.add_argument("--checkpoint-every", type=int, default=500)
     tr.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
     tr.add_argument("--attention", default="auto", choices=ATTENTION_MODES)
@@ -109,7 +111,7 @@ def _train(args) -> int:
                       seed=args.seed, views=args.views, size=args.size, image_dropout=args.image_dropout,
                       text_dropout=args.text_dropout, checkpoint_every=args.checkpoint_every,
                       grad_checkpointing=args.gradient_checkpointing, attention=args.attention,
-                      progress=not args.quiet)
+                      reference_frame=args.reference_frame, progress=not args.quiet)
     trainer = Trainer(args.data, args.model, args.output, cfg, backend=args.backend, device=args.device,
                       resume=args.resume)
     out = trainer.train()

@@ -275,12 +275,18 @@ class MultiViewDataset:
 
     # -- sampling --------------------------------------------------------------------------
 
-    def sample(self, rng: np.random.Generator) -> tuple[int, int, list[int]]:
+    def sample(self, rng: np.random.Generator, reference: int | None = None) -> tuple[int, int, list[int]]:
         """(subject, reference frame, target frames): uniform subject, uniform reference among its
-        frames, ``views`` distinct targets (in frame order) among its frames (the reference may be one)."""
+        frames (or frame ``reference`` of every subject), ``views`` distinct targets (in frame order)
+        among its frames (the reference may be one, as the azimuth-0 view at inference)."""
         s = int(rng.integers(len(self.subjects)))
         n = len(self.subjects[s].frames)
         ref = int(rng.integers(n))
+        if reference is not None:
+            if not -n <= reference < n:
+                raise InputError(f"reference frame {reference} does not exist in {self.subjects[s].folder} "
+                                 f"({n} frames)")
+            ref = reference % n
         targets = sorted(int(i) for i in rng.choice(n, size=self.views, replace=False))
         return s, ref, targets
 

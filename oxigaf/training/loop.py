@@ -53,7 +53,9 @@ class TrainConfig:
     ``dtype`` bfloat16: torch autocast / MLX bfloat16 compute over float32 master weights.
     ``size``: training resolution in pixels (default: the UNet's ``image_size`` × the VAE factor).
     ``lora_rank`` 0 trains every weight; > 0 trains adapters (``lora_alpha`` default = rank).
-    ``init_in_channels``: widen the UNet's input conv to this many channels (new weights zero)."""
+    ``init_in_channels``: widen the UNet's input conv to this many channels (new weights zero).
+    ``reference_frame``: None draws the reference frame of each sample uniformly; an index makes
+    that frame of every subject the reference (e.g. 0 when frame 0 is always the front view)."""
 
     steps: int = 1000
     batch_size: int = 1
@@ -79,6 +81,7 @@ class TrainConfig:
     size: int | None = None
     attention: str = "auto"
     progress: bool = True
+    reference_frame: int | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accumulation", "views", "checkpoint_every", "keep_checkpoints"):
@@ -111,6 +114,9 @@ class TrainConfig:
         if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 8):
             raise ConfigError(f"size must be an integer number of pixels >= 8; got {self.size!r}")
         check_attention(self.attention)
+        if self.reference_frame is not None and (isinstance(self.reference_frame, bool)
+                                                 or not isinstance(self.reference_frame, int)):
+            raise ConfigError(f"reference_frame must be None or a frame index; got {self.reference_frame!r}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (from 1)."""
@@ -277,7 +283,7 @@ class Trainer:
         h = self.size // self.factor
         shape = (self.vae_config.latent_channels, h, h)
         draws = [draw_sample(rng, self.dataset, self.scheduler.num_train_timesteps, shape, cfg.image_dropout,
-                             cfg.text_dropout) for _ in range(cfg.batch_size)]
+                             cfg.text_dropout, cfg.reference_frame) for _ in range(cfg.batch_size)]
         return build_batch(draws, self.dataset, self.scheduler.alphas_cumprod, self.scheduler.config.prediction_type,
                            self.text_states, image_conditioned=self.image_conditioned, normals=self.normals)
 

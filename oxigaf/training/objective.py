@@ -77,8 +77,8 @@ class SampleDraw:
 
 
 def draw_sample(rng: np.random.Generator, dataset, num_train_timesteps: int, latent_shape: tuple[int, ...],
-                image_dropout: float, text_dropout: float) -> SampleDraw:
-    s, ref, targets = dataset.sample(rng)
+                image_dropout: float, text_dropout: float, reference: int | None = None) -> SampleDraw:
+    s, ref, targets = dataset.sample(rng, reference)
     t = int(rng.integers(num_train_timesteps))
     noise = rng.standard_normal((dataset.views,) + tuple(latent_shape), dtype=np.float32)
     drops = rng.random(2)
