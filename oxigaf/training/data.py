@@ -296,58 +296,61 @@ class MultiViewDataset:
 
     # -- encoding --------------------------------------------------------------------------
 
-    def encode(self, backend, vae, vae_folder, size: int, image_encoder=None, encoder_folder=None,
-               preprocessor=None, normals: bool = False, progress: bool = True) -> None:
-        """VAE-encode every frame (and normal map) at ``size`` px and run CLIP on every frame, using
-        the caches where they are valid and writing them where not."""
+    def encode(self, backend, vae_folder, size: int, encoder_folder=None, preprocessor=None, *,
+               normals: bool = False, progress: bool = True) -> None:
+        """VAE-encode every frame (and normal map) at ``size`` px and run CLIP on every frame
+        (``encoder_folder``: ImageDream), reading the caches where they are valid and writing them
+        where not. The encoders are loaded only when some cache is missing or stale."""
+        from ..config import VAEConfig
         from ..images import load_image, vae_input
         from ..pipeline import _progress
 
         self.size = size
         vae_key = weights_fingerprint(vae_folder, f"size={size}")
         clip_key = None
-        if image_encoder is not None:
+        if encoder_folder is not None:
             clip_key = weights_fingerprint(encoder_folder, json.dumps(vars(preprocessor), default=str, sort_keys=True))
-        scale = float(vae.config.scaling_factor)
+        scale = np.float32(VAEConfig.from_folder(vae_folder).scaling_factor)
+        models: dict = {}
 
         def vae_latents(paths):
+            if "vae" not in models:
+                models["vae"] = backend.load_vae(vae_folder, dtype="float32")
             out = []
             for p in paths:
-                mean = vae.encode(backend.asarray(vae_input(load_image(p), size), dtype="float32"))
-                out.append(backend.to_numpy(mean).astype(np.float32)[0] * np.float32(scale))
+                mean = models["vae"].encode(backend.asarray(vae_input(load_image(p), size), dtype="float32"))
+                out.append(backend.to_numpy(mean).astype(np.float32)[0] * scale)
             return np.stack(out)
+
+        def clip_states(paths):
+            if "clip" not in models:
+                models["clip"] = backend.load_image_encoder(encoder_folder, dtype="float32")
+            states = []
+            for p in paths:
+                hs = models["clip"](backend.asarray(preprocessor(load_image(p))),
+                                    output_hidden_states=True)["hidden_states"][-2]
+                states.append(backend.to_numpy(hs).astype(np.float32)[0])
+            return np.stack(states)
+
+        def cached(path: Path, paths: list[Path], make, key: str) -> np.ndarray:
+            stamps = [_file_stamp(p) for p in paths]
+            found = _load_cache(path, stamps)
+            if found is None:
+                found = {key: make(paths)}
+                _save_atomic(found, {"stamps": json.dumps(stamps), "size": str(size)}, path)
+            return found[key]
 
         self.latents, self.normal_latents, self.clip_states = [], [], []
         for sub in _progress(self.subjects, "encoding data", progress, len(self.subjects)):
             images = [f.image for f in sub.frames]
             cache = sub.folder / CACHE_DIR
-            stamps = [_file_stamp(p) for p in images]
-            lat = _load_cache(cache / f"latents-{vae_key}.safetensors", stamps)
-            if lat is None:
-                lat = {"latents": vae_latents(images)}
-                _save_atomic(lat, {"stamps": json.dumps(stamps), "size": str(size)},
-                             cache / f"latents-{vae_key}.safetensors")
-            self.latents.append(lat["latents"])
+            self.latents.append(cached(cache / f"latents-{vae_key}.safetensors", images, vae_latents, "latents"))
             if normals:
-                npaths = [f.normal for f in sub.frames]
-                nstamps = [_file_stamp(p) for p in npaths]
-                nl = _load_cache(cache / f"normals-{vae_key}.safetensors", nstamps)
-                if nl is None:
-                    nl = {"latents": vae_latents(npaths)}
-                    _save_atomic(nl, {"stamps": json.dumps(nstamps), "size": str(size)},
-                                 cache / f"normals-{vae_key}.safetensors")
-                self.normal_latents.append(nl["latents"])
-            if image_encoder is not None:
-                cl = _load_cache(cache / f"clip-{clip_key}.safetensors", stamps)
-                if cl is None:
-                    states = []
-                    for p in images:
-                        px = backend.asarray(preprocessor(load_image(p)))
-                        hs = image_encoder(px, output_hidden_states=True)["hidden_states"][-2]
-                        states.append(backend.to_numpy(hs).astype(np.float32)[0])
-                    cl = {"states": np.stack(states)}
-                    _save_atomic(cl, {"stamps": json.dumps(stamps)}, cache / f"clip-{clip_key}.safetensors")
-                self.clip_states.append(cl["states"])
+                self.normal_latents.append(cached(cache / f"normals-{vae_key}.safetensors",
+                                                  [f.normal for f in sub.frames], vae_latents, "latents"))
+            if encoder_folder is not None:
+                self.clip_states.append(cached(cache / f"clip-{clip_key}.safetensors", images, clip_states, "states"))
+        models.clear()
 
 
 def latent_factor(vae_config) -> int:

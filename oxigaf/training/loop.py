@@ -241,14 +241,9 @@ class Trainer:
         from ..tokenizers import CLIPTokenizer
 
         mp = self.model_path
-        vae = b.load_vae(mp / "vae", dtype="float32")
-        enc = pre = None
-        if self.image_conditioned:
-            enc = b.load_image_encoder(mp / "image_encoder", dtype="float32")
-            pre = CLIPPreprocessor.from_folder(mp / "feature_extractor")
-        self.dataset.encode(b, vae, mp / "vae", self.size, enc, mp / "image_encoder", pre, normals=self.normals,
-                            progress=cfg.progress)
-        del vae, enc
+        pre = CLIPPreprocessor.from_folder(mp / "feature_extractor") if self.image_conditioned else None
+        self.dataset.encode(b, mp / "vae", self.size, mp / "image_encoder" if self.image_conditioned else None, pre,
+                            normals=self.normals, progress=cfg.progress)
         tok = CLIPTokenizer.from_pretrained(mp / "tokenizer")
         text = b.load_text_encoder(mp / "text_encoder", dtype="float32")
         prompts = sorted({""} | {s.prompt for s in self.dataset.subjects})
