@@ -23,7 +23,7 @@ from .unet import MultiViewUNet
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
+    return t.detach().float().cpu().numpy().copy()  # never a view of a live parameter
 
 
 def _lora_forward(self, x):
