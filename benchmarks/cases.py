@@ -585,6 +585,8 @@ def train_step(spec: dict):
     from oxigaf.training.lora import init_lora, lora_targets
 
     b = make_backend(spec["backend"], spec.get("device"))
+    if b.name == "torch":
+        b.torch.set_grad_enabled(True)  # the harness turns autograd off for the inference cases
     cfg, state = _train_model(spec["model"])
     latent = spec.get("latent", 32)
     batch = train_batch(cfg, spec.get("batch", 1), latent)

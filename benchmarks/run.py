@@ -207,7 +207,8 @@ def _free_bytes(backend: str) -> float:
 
 
 def _head(spec: dict) -> dict:
-    return {k: spec[k] for k in ("bench", "backend", "dtype", "seq", "mode") if k in spec}
+    keys = ("bench", "backend", "dtype", "seq", "mode", "model", "latent", "lora_rank", "grad_checkpointing")
+    return {k: spec[k] for k in keys if k in spec}
 
 
 def _precheck(spec: dict) -> dict | None:

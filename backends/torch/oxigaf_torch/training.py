@@ -55,6 +55,10 @@ class UNetTrainer:
             raise ConfigError(f"training dtype must be float32 or bfloat16; got {dtype!r}")
         self.device = torch.device(device)
         self.dtype = dtype
+        # Adam's second moments of small gradients fall into float32 denormals, which x86 CPUs
+        # process 10-100x slower (a 2-4x slower step measured here); flushing them to zero is
+        # what GPUs do anyway. Process-wide, values below 1.2e-38 only.
+        torch.set_flush_denormal(True)
         with torch.device("meta"):
             model = MultiViewUNet(config)
         self.model = load_weights(model, state, config.source or "UNet state", dtype=torch.float32, device=self.device)
@@ -80,7 +84,7 @@ class UNetTrainer:
             for block in [*self.model.input_blocks, self.model.middle_block, *self.model.output_blocks]:
                 _checkpointed(block)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=0.0, betas=tuple(betas), eps=eps,
-                                           weight_decay=weight_decay)
+                                           weight_decay=weight_decay, foreach=True)
         self.ema_decay = ema_decay
         self.ema = ({k: p.detach().clone() for k, p in self.params.items()} if ema_decay else None)
 
