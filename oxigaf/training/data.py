@@ -208,10 +208,19 @@ def _file_stamp(path: Path) -> str:
 def _save_atomic(tensors: dict[str, np.ndarray], meta: dict[str, str], path: Path) -> None:
     from safetensors.numpy import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only dataset still trains; it is only encoded again next time
+        import sys
+
+        print(f"oxigaf: warning: cannot write the latent cache {path}: {exc}", file=sys.stderr)
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def _load_cache(path: Path, stamps: list[str]) -> dict[str, np.ndarray] | None:
