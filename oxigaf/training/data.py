@@ -269,6 +269,9 @@ class MultiViewDataset:
     def __len__(self) -> int:
         return len(self.subjects)
 
+    def __getitem__(self, i: int) -> Subject:
+        return self.subjects[i]
+
     @property
     def has_normals(self) -> bool:
         return all(s.has_normals for s in self.subjects)
