@@ -188,8 +188,6 @@ def _train_specs(backend: str, gpu: bool, quick: bool) -> list[dict]:
                     if not gpu:
                         spec["skipped"] = "real-shape UNet training not run on a CPU (minutes per step); estimate " \
                                           f"{cases.train_state_bytes(real_params) / 1e9:.1f} GB of AdamW state"
-                    elif backend == "mlx" and ckpt:
-                        spec["skipped"] = "gradient checkpointing is torch-only"
                     spec["need_bytes"] = cases.train_state_bytes(real_params) if not lora_rank else 5 * real_params
                 specs.append(spec)
     return specs

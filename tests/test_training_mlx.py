@@ -90,6 +90,16 @@ def test_one_adamw_step_matches_torch(batches, lora_rank):
     assert rel_l2(flat(cont.trainable_state()), flat(tt.trainable_state())) < TOL
 
 
+@pytest.mark.parametrize("trainer", [TorchTrainer, MLXTrainer], ids=["torch", "mlx"])
+def test_gradient_checkpointing_takes_the_same_step(batches, trainer):
+    cfg = UNetConfig.from_dict(TINY_UNET, "tiny")
+    state = random_unet_state(TINY_UNET, seed=3)
+    plain, ckpt = trainer(cfg, state), trainer(cfg, state, grad_checkpointing=True)
+    assert ckpt.step(batches[:1], lr=1e-3) == pytest.approx(plain.step(batches[:1], lr=1e-3), rel=1e-6)
+    wp, wc = plain.trainable_state(), ckpt.trainable_state()
+    assert max(rel_l2(wc[k], wp[k]) for k in wp) < 1e-5
+
+
 def test_cli_trains_with_mlx_and_both_backends_load_the_output(world, tmp_path):
     out = tmp_path / "out"
     args = ["train", str(world["data"]), "--model", str(world["model"]), "-o", str(out), "--steps", "1",

@@ -228,9 +228,6 @@ class Trainer:
 
             backend = get_backend(backend, device, "float32")
         self.backend = backend
-        if cfg.grad_checkpointing and backend.name == "mlx":
-            raise ConfigError("gradient checkpointing (--gradient-checkpointing) is implemented on the torch backend "
-                              "only; use --backend torch or drop it")
         self.text_states: dict[str, np.ndarray] = {}
         self.trainer = None
         self.lora: dict | None = None

@@ -19,7 +19,7 @@ from oxigaf.config import UNetConfig
 from oxigaf.errors import ConfigError
 
 from .common import load_weights
-from .unet import MultiViewUNet
+from .unet import MultiViewUNet, ResBlock, SpatialTransformer3D
 
 
 def _to_torch_layout(name: str, a: mx.array) -> np.ndarray:
@@ -30,6 +30,39 @@ def _to_torch_layout(name: str, a: mx.array) -> np.ndarray:
 def _from_torch_layout(arr: np.ndarray) -> mx.array:
     arr = np.asarray(arr, np.float32)
     return mx.array(np.ascontiguousarray(arr.transpose(0, 2, 3, 1) if arr.ndim == 4 else arr))
+
+
+def _recompute(layer, base, arrays: tuple, *static):
+    """``base.__call__(layer, *arrays, *static)`` under ``mx.checkpoint``: only the inputs are kept
+    for the backward pass. The layer's trainable parameters are explicit inputs, so their
+    gradients flow (as ``mlx.nn.utils.checkpoint`` does it)."""
+
+    def inner(params, *xs):
+        layer.update(params)
+        return base.__call__(layer, *xs, *static)
+
+    return mx.checkpoint(inner)(layer.trainable_parameters(), *arrays)
+
+
+class _CheckpointedResBlock(ResBlock):
+    def __call__(self, x, emb):
+        return _recompute(self, ResBlock, (x, emb))
+
+
+class _CheckpointedTransformer(SpatialTransformer3D):
+    def __call__(self, x, context, num_frames, call):
+        return _recompute(self, SpatialTransformer3D, (x, context), num_frames, call)
+
+
+def _enable_checkpointing(model: MultiViewUNet) -> None:
+    """Recompute every ResBlock and transformer in the backward pass (their class is swapped, so
+    the parameter names stay the checkpoint's)."""
+    for block in [*model.input_blocks, model.middle_block, *model.output_blocks]:
+        for layer in block:
+            if type(layer) is ResBlock:
+                layer.__class__ = _CheckpointedResBlock
+            elif type(layer) is SpatialTransformer3D:
+                layer.__class__ = _CheckpointedTransformer
 
 
 class LoRALinear(nn.Module):
@@ -94,8 +127,6 @@ class UNetTrainer:
                  weight_decay: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8, ema_decay: float | None = None):
         if dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"training dtype must be float32 or bfloat16; got {dtype!r}")
-        if grad_checkpointing:
-            raise ConfigError("gradient checkpointing is implemented on the torch backend only")
         self.dtype = dtype
         self.model = load_weights(MultiViewUNet(config, attention=attention), state,
                                   config.source or "UNet state", dtype="float32")
@@ -115,6 +146,8 @@ class UNetTrainer:
                 _set(parent, key, layer)
                 self.names += [f"{target}.lora_A", f"{target}.lora_B"]
         self.model.train()
+        if grad_checkpointing:
+            _enable_checkpointing(self.model)
         if dtype == "bfloat16":  # frozen weights are only ever read in bfloat16
             frozen = {k for k, _ in tree_flatten(self.model.parameters())} - set(self.names)
             self.model.update(tree_unflatten([(k, v.astype(mx.bfloat16)) for k, v in
