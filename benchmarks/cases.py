@@ -540,8 +540,121 @@ def refine(spec: dict):
            "peak_rss_bytes": peak_rss_bytes(), "device": b.describe()}
 
 
+# --------------------------------------------------------------------------- training step
+
+# A mid-size ImageDream UNet (the test fixtures' geometry: 4 levels, 64 channels): what a CPU
+# can train in seconds per step. "real" is the published geometry (random weights).
+SMALL_UNET = {
+    "_class_name": "MultiViewUNetModel", "image_size": 32, "in_channels": 4, "model_channels": 64,
+    "out_channels": 4, "num_res_blocks": 2, "attention_resolutions": [4, 2, 1], "channel_mult": [1, 1, 1, 2],
+    "num_head_channels": 32, "context_dim": 64, "camera_dim": 16, "transformer_depth": 1, "ip_dim": 16,
+}
+
+
+def train_state_bytes(params: int, lora_params: int = 0) -> int:
+    """float32 AdamW state of a run: weights, and for what trains gradients + two moments."""
+    trained = lora_params if lora_params else params
+    return 4 * (params + lora_params) + 12 * trained
+
+
+def _train_model(which: str):
+    import json as _json
+
+    from oxigaf.config import UNetConfig
+
+    if which == "real":
+        import assets
+
+        from oxigaf.checkpoints import load_state
+
+        folder = assets.component("unet")
+        cfg = UNetConfig.from_folder(folder)
+        state = {k: np.asarray(v, np.float32) for k, v in load_state(folder).items()}
+        return cfg, state
+    cfg = UNetConfig.from_dict(dict(SMALL_UNET), "small")
+    shapes = _json.loads(_json.dumps(_unet_shapes(cfg)))
+    import assets
+
+    state = {k: np.asarray(v, np.float32) for k, v in assets.random_weights(shapes, 0).items()}
+    return cfg, state
+
+
+def _unet_shapes(cfg) -> dict:
+    import torch
+
+    from oxigaf_torch.unet import MultiViewUNet
+
+    with torch.device("meta"):
+        model = MultiViewUNet(cfg)
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def train_batch(cfg, batch: int, latent: int, seed: int = 0):
+    """One ImageDream training batch (4 targets + the reference slot per sample), numpy."""
+    from oxigaf.cameras import camera_vectors, default_cameras
+    from oxigaf.training import Batch
+
+    rng = np.random.default_rng(seed)
+    n = batch * FRAMES
+    cams = np.concatenate([camera_vectors(default_cameras(VIEWS, 0.0)), np.zeros((1, 16), np.float32)])
+    clip = np.repeat(rng.standard_normal((batch, 257, 1280), dtype=np.float32), FRAMES, axis=0)
+    text = np.repeat(rng.standard_normal((batch, 77, cfg.context_dim), dtype=np.float32), FRAMES, axis=0)
+    return Batch(x=rng.standard_normal((n, cfg.in_channels, latent, latent), dtype=np.float32),
+                 timesteps=np.repeat(rng.integers(0, 1000, batch), FRAMES).astype(np.float32), context=text,
+                 camera=np.tile(cams, (batch, 1)).astype(np.float32), ip=clip,
+                 ip_img=rng.standard_normal((batch, 4, latent, latent), dtype=np.float32),
+                 target=rng.standard_normal((batch, VIEWS, 4, latent, latent), dtype=np.float32),
+                 num_frames=FRAMES, views=VIEWS)
+
+
+def train_step(spec: dict):
+    """Seconds per optimiser step (forward + backward + AdamW) and peak memory, full and LoRA."""
+    from oxigaf.training.lora import init_lora, lora_targets
+
+    b = make_backend(spec["backend"], spec.get("device"))
+    if b.name == "torch":
+        b.torch.set_grad_enabled(True)  # the harness turns autograd off for the inference cases
+    cfg, state = _train_model(spec["model"])
+    latent = spec.get("latent", 32)
+    batch = train_batch(cfg, spec.get("batch", 1), latent)
+    params = sum(int(np.prod(v.shape)) for v in state.values())
+    lora = None
+    lora_params = 0
+    if spec.get("lora_rank"):
+        shapes = {k: v.shape for k, v in state.items()}
+        targets = lora_targets(shapes)
+        tensors = init_lora(shapes, targets, spec["lora_rank"], np.random.default_rng(0))
+        lora = {"targets": targets, "scale": 1.0, "tensors": tensors}
+        lora_params = sum(int(np.prod(v.shape)) for v in tensors.values())
+    _reset_peak_rss()
+    if b.name == "torch" and b.backend.torch_device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    trainer = b.backend.unet_trainer(cfg, state, dtype=spec["dtype"], lora=lora,
+                                     grad_checkpointing=spec.get("grad_checkpointing", False))
+    del state
+    gc.collect()
+    times = []
+    for _ in range(spec.get("rounds", 2) + 1):  # the first step warms up (allocator, kernels)
+        t0 = time.perf_counter()
+        loss = trainer.step([batch], 1e-5, 1.0)
+        b.sync()
+        times.append(time.perf_counter() - t0)
+    seconds = _median(times[1:])
+    mem = b.backend.memory()
+    r = {"model": spec["model"], "params": params, "lora_rank": spec.get("lora_rank", 0),
+         "grad_checkpointing": spec.get("grad_checkpointing", False), "batch": spec.get("batch", 1),
+         "frames": FRAMES * spec.get("batch", 1), "latent": latent, "seconds": seconds, "times": times,
+         "samples_per_second": spec.get("batch", 1) / seconds, "loss": loss, "device": b.describe(),
+         "state_bytes_estimate": train_state_bytes(params, lora_params), "peak_rss_bytes": peak_rss_bytes()}
+    if mem.get("peak_bytes"):
+        r["peak_bytes"] = int(mem["peak_bytes"])
+    yield r
+
+
 CASES = {"attention": attention, "unet_step": unet_step, "ddim_step": ddim_step, "vae_decode": vae_decode,
-         "pipeline": pipeline, "refine": refine}
+         "pipeline": pipeline, "refine": refine, "train_step": train_step}
 
 
 def run_case(spec: dict):

@@ -108,7 +108,8 @@ def plan(args) -> list[dict]:
     quick = args.quick
     size = "quick" if quick else "full"
     specs: list[dict] = []
-    want = set(args.only or ("attention", "unet_step", "ddim_step", "vae_decode", "pipeline", "refine"))
+    want = set(args.only or ("attention", "unet_step", "ddim_step", "vae_decode", "pipeline", "refine",
+                             "train_step"))
     for backend in args.backend:
         gpu = _on_gpu(backend)
         # with the reference BLAS, mlx on the CPU is limited to what finishes in minutes
@@ -160,14 +161,42 @@ def plan(args) -> list[dict]:
             if backend == "mlx" and not gpu:
                 spec["skipped"] = "not run on mlx's CPU backend (minutes per call); the torch row shows the caching"
             specs.append(spec)
+        if "train_step" in want:
+            specs += _train_specs(backend, gpu, quick)
     if "ddim_step" in want and "numpy" not in args.backend:
         specs.append({"bench": "ddim_step", "backend": "numpy", "dtype": "float32"})
     # Guard against what cannot fit: a skipped entry, never a crashed run.
     for spec in specs:
+        if spec["bench"] == "train_step" and "skipped" in spec:
+            spec.pop("need_bytes", None)
         if spec["bench"] == "attention" and "skipped" not in spec:
             need = cases.attention_need(spec["backend"], spec["mode"], spec["seq"], spec["dtype"],
                                         _on_gpu(spec["backend"]))
             spec["need_bytes"] = need
+    return specs
+
+
+def _train_specs(backend: str, gpu: bool, quick: bool) -> list[dict]:
+    """train_step: the real UNet where it fits (a GPU), the small one on a CPU; full and LoRA."""
+    import cases
+
+    real_params = 941_672_900  # benchmarks/manifests/imagedream-unet
+    specs = []
+    dtypes = ["float32", "bfloat16"] if (gpu or not quick) else ["float32"]
+    for model in ("small", "real"):
+        for dtype in dtypes:
+            for lora_rank, ckpt in ((0, False), (0, True), (8, False)):
+                if model == "small" and ckpt:
+                    continue
+                spec = {"bench": "train_step", "backend": backend, "dtype": dtype, "model": model,
+                        "lora_rank": lora_rank, "grad_checkpointing": ckpt, "rounds": 1 if quick else 3,
+                        "latent": 16 if (quick and not gpu) else 32}
+                if model == "real":
+                    if not gpu:
+                        spec["skipped"] = "real-shape UNet training not run on a CPU (minutes per step); estimate " \
+                                          f"{cases.train_state_bytes(real_params) / 1e9:.1f} GB of AdamW state"
+                    spec["need_bytes"] = cases.train_state_bytes(real_params) if not lora_rank else 5 * real_params
+                specs.append(spec)
     return specs
 
 
@@ -183,7 +212,8 @@ def _free_bytes(backend: str) -> float:
 
 
 def _head(spec: dict) -> dict:
-    return {k: spec[k] for k in ("bench", "backend", "dtype", "seq", "mode") if k in spec}
+    keys = ("bench", "backend", "dtype", "seq", "mode", "model", "latent", "lora_rank", "grad_checkpointing")
+    return {k: spec[k] for k in keys if k in spec}
 
 
 def _precheck(spec: dict) -> dict | None:
@@ -301,6 +331,14 @@ def table(results: list[dict]) -> str:
             for r in results if r["bench"] == "refine"]
     section("refine (GAF-style call, 4 views at 256 px, CFG 5; baseline: the photo re-encoded every call)",
             ["backend", "dtype", "strength", "steps", "cached conditioning", "photo each call", "ratio", "note"], rows)
+    rows = [[r["backend"], r["dtype"], r.get("model", ""), r.get("latent", ""), r.get("lora_rank", ""),
+             "yes" if r.get("grad_checkpointing") else "no", _fmt_s(r.get("seconds")),
+             "-" if r.get("samples_per_second") is None else f"{r['samples_per_second']:.3f}",
+             _fmt_b(r.get("peak_bytes") or r.get("peak_rss_bytes")), _fmt_b(r.get("state_bytes_estimate")), note(r)]
+            for r in results if r["bench"] == "train_step"]
+    section("train_step (1 sample = 4 targets + reference; forward + backward + AdamW)",
+            ["backend", "dtype", "model", "latent", "LoRA rank", "grad ckpt", "seconds/step", "samples/s",
+             "peak memory", "AdamW state (est.)", "note"], rows)
     return "\n".join(out)
 
 
@@ -342,8 +380,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer runs and sizes (about 15 minutes on 2 CPU cores)")
     p.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/<name>.json)")
     p.add_argument("--backend", nargs="+", default=None, help="torch and/or mlx (default: those installed)")
-    p.add_argument("--only", nargs="+", choices=["attention", "unet_step", "ddim_step", "vae_decode", "pipeline",
-                                                 "refine"],
+    p.add_argument("--only", nargs="+",
+                   choices=["attention", "unet_step", "ddim_step", "vae_decode", "pipeline", "refine", "train_step"],
                    help="run only these benchmarks")
     p.add_argument("--seqs", nargs="+", type=int,
                    help=f"attention sequence lengths (default {' '.join(map(str, SEQS))})")

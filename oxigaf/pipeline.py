@@ -164,6 +164,7 @@ class Pipeline:
         device: str | None = None,
         upsampler=None,
         config: DiffusionConfig | None = None,
+        lora: str | os.PathLike | None = None,
     ):
         self.config = config or DiffusionConfig()
         if dtype is not None:
@@ -190,6 +191,13 @@ class Pipeline:
             CLIPPreprocessor.from_folder(self.model_path / "feature_extractor") if self.image_conditioned else None
         )
         self._preflight()
+        # A LoRA adapter (oxigaf train --lora-rank: OUT/lora) is merged into the UNet's weights at load.
+        self.lora = None
+        if lora is not None:
+            from .training.lora import load_lora
+
+            self.lora = load_lora(lora)
+            self.lora.check_against(read_shapes(self.model_path / "unet"), str(self.model_path / "unet"))
         self.upsampler = self._make_upsampler(upsampler)
         self._models: dict[str, object] = {}
         for name in ("unet", "vae", "text_encoder") + (("image_encoder",) if self.image_conditioned else ()):
@@ -262,6 +270,8 @@ class Pipeline:
             b, cfg = self.backend, self.config
             if name == "unet":
                 m = b.load_unet(folder, attention=cfg.attention_mode, chunk_size=cfg.attention_chunk_size)
+                if self.lora is not None:
+                    m = b.apply_lora(m, self.lora.deltas())
             elif name == "vae":
                 m = b.load_vae(folder, dtype=cfg.vae_dtype)
             elif name == "text_encoder":

@@ -104,3 +104,17 @@ class MLXBackend:
         from .upsampler import load_upsampler_unet
 
         return _guarded("upsampler UNet", load_upsampler_unet, folder, dtype=dtype or self.dtype, **kw)
+
+    # -- training --------------------------------------------------------------------------
+
+    def unet_trainer(self, config, state, **kw):
+        """A trainable UNet with its optimiser (``oxigaf_mlx.training.UNetTrainer``)."""
+        from .training import UNetTrainer
+
+        return UNetTrainer(config, state, **kw)
+
+    def apply_lora(self, model, deltas):
+        """Add LoRA weight deltas (numpy, by parameter name) to a loaded model."""
+        from .training import add_to_weights
+
+        return add_to_weights(model, deltas)

@@ -123,3 +123,17 @@ class TorchBackend:
 
         return _guarded("upsampler UNet", load_upsampler_unet, folder, dtype=dtype or self.dtype,
                         device=self.torch_device, **kw)
+
+    # -- training --------------------------------------------------------------------------
+
+    def unet_trainer(self, config, state, **kw):
+        """A trainable UNet with its optimiser (``oxigaf_torch.training.UNetTrainer``)."""
+        from .training import UNetTrainer
+
+        return UNetTrainer(config, state, device=self.torch_device, **kw)
+
+    def apply_lora(self, model, deltas):
+        """Add LoRA weight deltas (numpy, by parameter name) to a loaded model."""
+        from .training import add_to_weights
+
+        return add_to_weights(model, deltas)
