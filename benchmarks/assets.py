@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from oxigaf import synthetic
 
 HERE = Path(__file__).resolve().parent
 MANIFESTS = HERE / "manifests"
@@ -40,19 +41,8 @@ COMPONENTS = {
 
 
 def random_weights(shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in sorted(shapes.items()):
-        leaf = name.rsplit(".", 1)[-1]
-        if len(shape) == 1 and leaf == "weight":
-            arr = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        elif len(shape) == 1 and leaf == "bias":
-            arr = 0.02 * rng.standard_normal(shape, dtype=np.float32)
-        else:
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
-            arr = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(fan_in, 1))
-        out[name] = arr.astype(np.float16)
-    return out
+    """The benchmarks' recipe (``oxigaf.synthetic.random_weights``; module docstring)."""
+    return synthetic.random_weights(shapes, seed, norm_scale_std=0.1, bias_std=0.02)
 
 
 def cache_dir() -> Path:
@@ -72,19 +62,13 @@ def component(name: str) -> Path:
         return dst
     from safetensors.numpy import save_file
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dst.parent))
-    try:
+    def fill(tmp: Path) -> None:
         shutil.copy(MANIFESTS / manifest / "config.json", tmp / "config.json")
         shapes = json.loads((MANIFESTS / manifest / "keys.json").read_text())
         save_file(random_weights(shapes, seed), str(tmp / filename))
         (tmp / "BENCH_VERSION").write_text(VERSION)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    synthetic.build_folder(dst, fill)
     return dst
 
 

@@ -108,7 +108,7 @@ def plan(args) -> list[dict]:
     quick = args.quick
     size = "quick" if quick else "full"
     specs: list[dict] = []
-    want = set(args.only or ("attention", "unet_step", "ddim_step", "vae_decode", "pipeline"))
+    want = set(args.only or ("attention", "unet_step", "ddim_step", "vae_decode", "pipeline", "refine"))
     for backend in args.backend:
         gpu = _on_gpu(backend)
         # with the reference BLAS, mlx on the CPU is limited to what finishes in minutes
@@ -154,6 +154,12 @@ def plan(args) -> list[dict]:
                 elif backend == "mlx" and not gpu and quick:
                     spec["skipped"] = "not run on mlx's CPU backend in --quick (a few minutes; see the full run)"
                 specs.append(spec)
+        if "refine" in want:
+            spec = {"bench": "refine", "backend": backend, "dtype": "float32", "strength": 0.04 if quick else 0.5,
+                    "rounds": 1 if quick else 2}
+            if backend == "mlx" and not gpu:
+                spec["skipped"] = "not run on mlx's CPU backend (minutes per call); the torch row shows the caching"
+            specs.append(spec)
     if "ddim_step" in want and "numpy" not in args.backend:
         specs.append({"bench": "ddim_step", "backend": "numpy", "dtype": "float32"})
     # Guard against what cannot fit: a skipped entry, never a crashed run.
@@ -290,6 +296,11 @@ def table(results: list[dict]) -> str:
     section("pipeline (4 views at 256 px, CFG 5, real-shape random weights)",
             ["backend", "dtype", "steps", "load", "conditioning", "denoising", "per step", "decoding", "generate",
              "peak RSS", "note"], rows)
+    rows = [[r["backend"], r["dtype"], r.get("strength", ""), r.get("denoising_steps", ""), _fmt_s(r.get("seconds")),
+             _fmt_s(r.get("baseline_seconds")), _fmt_r(r.get("ratio")), note(r)]
+            for r in results if r["bench"] == "refine"]
+    section("refine (GAF-style call, 4 views at 256 px, CFG 5; baseline: the photo re-encoded every call)",
+            ["backend", "dtype", "strength", "steps", "cached conditioning", "photo each call", "ratio", "note"], rows)
     return "\n".join(out)
 
 
@@ -331,7 +342,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer runs and sizes (about 15 minutes on 2 CPU cores)")
     p.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/<name>.json)")
     p.add_argument("--backend", nargs="+", default=None, help="torch and/or mlx (default: those installed)")
-    p.add_argument("--only", nargs="+", choices=["attention", "unet_step", "ddim_step", "vae_decode", "pipeline"],
+    p.add_argument("--only", nargs="+", choices=["attention", "unet_step", "ddim_step", "vae_decode", "pipeline",
+                                                 "refine"],
                    help="run only these benchmarks")
     p.add_argument("--seqs", nargs="+", type=int,
                    help=f"attention sequence lengths (default {' '.join(map(str, SEQS))})")

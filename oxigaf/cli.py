@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(steps=4, upsample=True)
 
     sub.add_parser("info", help="installed backends, devices and versions")
+
+    batch = sub.add_parser("batch", help="generate views for every row of a manifest (CSV, JSONL, Parquet, a folder)",
+                           description="Generate OUT/<id>/ for every item of MANIFEST and record each in "
+                                       "OUT/results.jsonl; running it again resumes. Exit 1 if some item failed.")
+    batch.add_argument("manifest", help="CSV / JSONL / Parquet table with id and image columns, or a folder of images")
+    _add_generation_args(batch, model_default=DEFAULT_MODEL)
+    batch.add_argument("--engine", default="local", choices=("local", "ray"),
+                       help="local: this process; ray: a Ray cluster (pip install 'oxigaf[ray]')")
+    batch.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    batch.add_argument("--workers", type=int, default=None, help="Ray actors, one Pipeline each (default 1)")
+    batch.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray actor (default 0)")
+    batch.add_argument("--batch-size", type=int, default=1, help="items per generate call (UNet batch), default 1")
     return parser
 
 
@@ -98,6 +110,24 @@ def _generate(args, model: str, upsampler) -> int:
     return 0
 
 
+def _batch(args) -> int:
+    from .batch import BatchSettings, format_summary, run_batch
+
+    if args.engine != "ray" and (args.address, args.workers, args.gpus_per_worker) != (None, None, None):
+        raise InputError("--address, --workers and --gpus-per-worker need --engine ray")
+    upsampler = None if args.upsampler in (None, "none") else args.upsampler
+    settings = BatchSettings(model=args.model, upsampler=upsampler, backend=args.backend, device=args.device,
+                             dtype=args.dtype, views=args.views, azimuths=args.azimuths, elevation=args.elevation,
+                             steps=args.steps, guidance=args.guidance, seed=args.seed, prompt=args.prompt,
+                             negative_prompt=args.negative_prompt, size=args.size, attention=args.attention,
+                             low_memory=args.low_memory)
+    summary = run_batch(args.manifest, args.output, settings, engine=args.engine, address=args.address,
+                        workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0.0,
+                        batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet)
+    print(format_summary(summary), file=sys.stderr if summary.failed else sys.stdout)
+    return summary.exit_code
+
+
 def _info() -> int:
     from . import __version__, plugins
 
@@ -130,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             return _info()
+        if args.command == "batch":
+            return _batch(args)
         if args.command == "demo":
             from .demo import bundled_portrait, tiny_model
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import read_json
+from .checkpoints import load_state, read_json, strip_prefix
 from .errors import ConfigError, ModelLoadError
 
 DTYPES = ("float32", "float16", "bfloat16")
 ATTENTION_MODES = ("auto", "sdpa", "chunked", "naive")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 GUIDANCE_RANGE = (1.0, 20.0)
+UNET_NORM_GROUPS = 32  # GroupNorm groups of every UNet block (the reference's normalization())
 
 
 def check_dtype(dtype: str, name: str = "dtype") -> str:
@@ -46,6 +47,13 @@ def check_positive_int(value: int, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be an integer >= 1; got {value!r}")
     return value
+
+
+def check_load_options(dtype: str, attention: str, chunk_size: int) -> None:
+    """The options every backend's model loader takes, checked before any file is read."""
+    check_dtype(dtype)
+    check_attention(attention)
+    check_positive_int(chunk_size, "chunk_size")
 
 
 def check_finite(value: float, name: str) -> float:
@@ -251,6 +259,22 @@ class UNetConfig(_ModelConfig):
             return channels // self.num_head_channels, self.num_head_channels
         return self.num_heads, channels // self.num_heads
 
+    def check_geometry(self) -> None:
+        """Refuse a config whose blocks cannot be built: every block width (``model_channels`` x
+        each ``channel_mult``) must be a positive multiple of the ``UNET_NORM_GROUPS`` GroupNorm
+        groups and split into whole attention heads. The one place this rule lives: the
+        pipeline's preflight and both backends' UNet builders call it."""
+        for mult in self.channel_mult:
+            ch = mult * self.model_channels
+            heads, head_dim = self.heads_for(ch) if ch > 0 else (0, 0)
+            if ch <= 0 or ch % UNET_NORM_GROUPS or heads < 1 or heads * head_dim != ch:
+                raise ModelLoadError(
+                    f"{self.source or 'UNet config'}: a block of {ch} channels (model_channels "
+                    f"{self.model_channels} x {mult}) cannot be built: it needs a positive multiple of "
+                    f"{UNET_NORM_GROUPS} that splits into attention heads (num_heads {self.num_heads}, "
+                    f"num_head_channels {self.num_head_channels})"
+                )
+
 
 @dataclass(frozen=True)
 class VAEConfig(_ModelConfig):
@@ -275,6 +299,30 @@ class VAEConfig(_ModelConfig):
     mid_block_add_attention: bool = True
     force_upcast: bool = True
     source: str = ""
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Pixels per latent cell: each encoder block but the last halves the resolution."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def check_geometry(self) -> None:
+        """Refuse configs the backends do not build (rather than build something else): block
+        types, activation, and every block width a multiple of ``norm_num_groups``."""
+        where = self.source or "VAE config"
+        n = len(self.block_out_channels)
+        if n < 1:
+            raise ModelLoadError(f"{where}: block_out_channels is empty")
+        bad = [t for t in self.down_block_types if t != "DownEncoderBlock2D"]
+        bad += [t for t in self.up_block_types if t != "UpDecoderBlock2D"]
+        if bad:
+            raise ModelLoadError(f"{where}: unsupported VAE block types {sorted(set(bad))} "
+                                 "(only DownEncoderBlock2D / UpDecoderBlock2D)")
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ModelLoadError(f"{where}: down/up_block_types must have one entry per block_out_channels ({n})")
+        if self.act_fn not in ("silu", "swish"):
+            raise ModelLoadError(f"{where}: unsupported act_fn {self.act_fn!r} (only silu)")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ModelLoadError(f"{where}: block_out_channels must be divisible by norm_num_groups")
 
 
 @dataclass(frozen=True)
@@ -367,3 +415,29 @@ class UpsamplerUNetConfig(_ModelConfig):
     norm_eps: float = 1e-5
     time_embedding_dim: int | None = None
     source: str = ""
+
+
+@dataclass(frozen=True)
+class CLIPTower:
+    """What tells the two CLIP towers' files apart (the backends add the model class): the config
+    class, the tower prefix of the ``...WithProjection`` layout and the projection's weight name,
+    which stands beside the prefix, never under it."""
+
+    config: type
+    prefix: str
+    projection: str
+
+    def read_state(self, folder: str | os.PathLike) -> dict:
+        """The tower's tensors in the bare layout: the prefix is dropped when *every* tower key has
+        it (the projection is set aside first). A file mixing both spellings keeps its prefixed
+        keys, and the strict check names them."""
+        state = dict(load_state(folder))
+        proj = state.pop(self.projection, None)
+        state = strip_prefix(state, self.prefix)
+        if proj is not None:
+            state[self.projection] = proj
+        return state
+
+
+IMAGE_TOWER = CLIPTower(CLIPVisionConfig, "vision_model.", "visual_projection.weight")
+TEXT_TOWER = CLIPTower(CLIPTextConfig, "text_model.", "text_projection.weight")

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from . import synthetic
 
 DATA = Path(__file__).parent / "demo_data"
 # Bump when the manifests or the weight recipe change, so stale caches are rebuilt.
@@ -33,42 +34,22 @@ def bundled_portrait() -> Path:
 
 
 def random_weights(shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
-    """float16 weights that keep activations in a sane range: norm scales 1, biases 0,
-    matrices normal with std 1/sqrt(fan_in)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in sorted(shapes.items()):
-        leaf = name.rsplit(".", 1)[-1]
-        # 1-D weights are norm scales (LDM names them by position, e.g. in_layers.0): 1, not 0,
-        # or every block's output would vanish.
-        if len(shape) == 1 and leaf == "weight":
-            arr = np.ones(shape, np.float32)
-        elif len(shape) == 1 and leaf == "bias":
-            arr = np.zeros(shape, np.float32)
-        else:
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
-            arr = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(fan_in, 1))
-        out[name] = arr.astype(np.float16)
-    return out
+    """The demo's recipe (``synthetic.random_weights``): norm scales exactly 1, biases 0, matrices
+    normal with std 1/sqrt(fan_in), float16."""
+    return synthetic.random_weights(shapes, seed, norm_scale_std=0.0, bias_std=0.0)
 
 
 def _build(src: Path, dst: Path, weight_names: dict[str, str], seed: int) -> None:
     from safetensors.numpy import save_file
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    def fill(tmp: Path) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("keys.json", "*.png"))
         for i, (component, filename) in enumerate(sorted(weight_names.items())):
             shapes = json.loads((src / component / "keys.json").read_text())
             save_file(random_weights(shapes, seed + i), str(tmp / component / filename))
         (tmp / "OXIGAF_DEMO_VERSION").write_text(VERSION)
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    synthetic.build_folder(dst, fill)
 
 
 def tiny_model(root: str | os.PathLike | None = None) -> tuple[Path, Path]:

@@ -514,6 +514,52 @@ def vae_input(image, size: int = 256, *, antialias: bool = False) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
+def vae_views(views, size: int) -> np.ndarray:
+    """Views as the VAE encodes them: float32 (V, 3, size, size) in [-1, 1].
+
+    ``views``: a list of PIL images or (H, W, 3) arrays (uint8, or float in [0, 1]), or one array
+    (V, H, W, 3). Float values are used as they are (no 8-bit rounding); PIL images are loaded like
+    inputs. A square view of another size is resized bilinearly (PyTorch's align_corners=False, no
+    antialiasing, as ``vae_input``); a non-square one, NaN or Inf, or values outside [0, 1] are an
+    ``InputError`` naming the view.
+    """
+    size = _positive_int(size, "size")
+    if isinstance(views, np.ndarray) and views.ndim == 4:
+        items = list(views)
+    elif isinstance(views, (list, tuple)):
+        items = list(views)
+    else:
+        raise InputError(f"views must be a list of images or one (V, H, W, 3) array; got {type(views).__name__}"
+                         + (f" of shape {views.shape}" if isinstance(views, np.ndarray) else ""))
+    if not items:
+        raise InputError("views is empty: pass at least one view")
+    out = []
+    for i, view in enumerate(items):
+        if isinstance(view, Image.Image):
+            arr = np.asarray(load_image(view), dtype=np.float32) / np.float32(255.0)
+        else:
+            arr = np.asarray(view)
+            if arr.ndim != 3 or arr.shape[-1] != 3:
+                raise InputError(f"view {i} must be (H, W, 3) RGB; got shape {arr.shape}")
+            if arr.dtype == np.uint8:
+                arr = arr.astype(np.float32) / np.float32(255.0)
+            elif np.issubdtype(arr.dtype, np.floating):
+                arr = arr.astype(np.float32)
+                if not np.isfinite(arr).all():
+                    raise InputError(f"view {i} contains NaN or Inf")
+                lo, hi = float(arr.min()), float(arr.max())
+                if lo < 0.0 or hi > 1.0:
+                    raise InputError(f"view {i} has values in [{lo:.4g}, {hi:.4g}]; float views must lie in [0, 1]")
+            else:
+                raise InputError(f"view {i} must be uint8 or float in [0, 1]; got dtype {arr.dtype}")
+        h, w = arr.shape[:2]
+        if h != w or h == 0:
+            raise InputError(f"view {i} is {w}x{h}: views must be square (the model's native size is {size})")
+        x = np.float32(2.0) * arr - np.float32(1.0)
+        out.append(_resize_bilinear(x, size, size).transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
 def to_uint8(images) -> np.ndarray:
     """Float images in [0, 1] (any shape, e.g. (N, H, W, 3)) to uint8: clip, x 255, round half to even."""
     arr = np.asarray(images)

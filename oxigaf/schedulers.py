@@ -446,6 +446,13 @@ class DDIMScheduler(_Scheduler):
         self.timesteps = ts
         return ts
 
+    def img2img_timesteps(self, num_inference_steps: int, strength: float) -> np.ndarray:
+        """The tail of the ``num_inference_steps`` grid that SDEdit / img2img runs, as diffusers' img2img
+        pipelines pick it: ``k = min(int(N·strength), N)``, ``timesteps[N − k:]``. Sets the grid."""
+        ts = self.set_timesteps(num_inference_steps)
+        n = self.num_inference_steps
+        return ts[n - min(int(n * strength), n):]
+
     def previous_timestep(self, t: int) -> int:
         """The timestep a step from ``t`` lands on (negative: past the end, ᾱ = ``final_alpha_cumprod``)."""
         return int(t) - self.config.num_train_timesteps // self._require_timesteps()
@@ -539,6 +546,19 @@ class DDIMScheduler(_Scheduler):
                 noise = _from_numpy(rng.standard_normal(tuple(sample.shape), dtype=np.float32), sample, backend)
             prev = prev + std * noise
         return (prev, x0) if return_x0 else prev
+
+    def predicted_noise(self, model_output: Any, t: Any, sample: Any) -> Any:
+        """The noise ε that ``model_output`` implies at timestep ``t`` under the configured prediction type."""
+        t = self._check_t(t)
+        a_t = float(self.alphas_cumprod[t])
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return model_output
+        if kind == "v_prediction":
+            return math.sqrt(a_t) * model_output + math.sqrt(1.0 - a_t) * sample
+        if a_t >= 1.0:
+            raise NumericsError(f"the noise is undefined at t={t} for sample prediction (alphas_cumprod[t] = 1)")
+        return (sample - math.sqrt(a_t) * model_output) / math.sqrt(1.0 - a_t)
 
     def add_noise(self, original_samples: Any, noise: Any, t: Any) -> Any:
         """Forward diffusion to timestep ``t`` (one integer for the whole batch): √ᾱ_t·x₀ + √(1−ᾱ_t)·ε."""

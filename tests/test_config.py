@@ -101,3 +101,33 @@ def test_config_errors_name_the_file_and_key(tmp_path):
 def test_wrong_model_type_is_refused():
     with pytest.raises(ModelLoadError, match="AutoencoderKL"):
         UNetConfig.from_folder(CHECKPOINTS / "sd21-vae")
+
+
+def _unet(**kw):
+    base = dict(in_channels=4, model_channels=64, out_channels=4, num_res_blocks=1, attention_resolutions=[1],
+                channel_mult=[1, 2], num_head_channels=32, context_dim=32, source="unet/config.json")
+    return UNetConfig(**{**base, **kw})
+
+
+def test_unet_geometry_accepts_the_published_configs():
+    for name in ("imagedream-unet", "mvdream-unet"):
+        UNetConfig.from_folder(CHECKPOINTS / name).check_geometry()
+    _unet().check_geometry()
+
+
+@pytest.mark.parametrize("kw,width", [
+    (dict(model_channels=48), "48"),  # not a multiple of the 32 GroupNorm groups
+    (dict(model_channels=96, num_head_channels=64), "96"),  # a multiple of 32, but not of 64-wide heads
+    (dict(num_head_channels=-1, num_heads=3), "64"),  # 64 channels do not split into 3 heads
+])
+def test_unet_geometry_refuses_blocks_that_cannot_be_built(kw, width):
+    with pytest.raises(ModelLoadError) as err:
+        _unet(**kw).check_geometry()
+    msg = str(err.value)
+    assert "unet/config.json" in msg and "attention heads" in msg and f"a block of {width} channels" in msg
+
+
+def test_vae_geometry_names_norm_num_groups():
+    VAEConfig.from_folder(CHECKPOINTS / "sd21-vae").check_geometry()
+    with pytest.raises(ModelLoadError, match="norm_num_groups"):
+        VAEConfig(block_out_channels=(96,), norm_num_groups=64, source="vae/config.json").check_geometry()

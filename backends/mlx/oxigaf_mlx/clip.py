@@ -20,11 +20,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from oxigaf.checkpoints import load_state, strip_prefix
-from oxigaf.config import CLIPTextConfig, CLIPVisionConfig, check_attention, check_dtype
+from oxigaf.config import IMAGE_TOWER, TEXT_TOWER, CLIPTextConfig, CLIPTower, CLIPVisionConfig, check_load_options
 from oxigaf.errors import InputError, ModelLoadError
 
-from .common import attention, load_weights, mlx_dtype, nchw_to_nhwc, norm32, resolve_attention
+from .common import attention, load_model, nchw_to_nhwc, norm32, resolve_attention
 
 
 def _quick_gelu(x: mx.array) -> mx.array:
@@ -44,20 +43,6 @@ def _check_geometry(config, where: str) -> None:
             f"{where}: hidden_size {config.hidden_size} is not a multiple of "
             f"num_attention_heads {config.num_attention_heads}"
         )
-
-
-def split_tower(state: dict[str, np.ndarray], prefix: str, projection: str) -> dict[str, np.ndarray]:
-    """Bring a file to the bare layout: drop the tower prefix when *every* tower key has it.
-
-    The projection lives beside the tower, never under its prefix, so it is set aside first.
-    A file mixing both spellings keeps its prefixed keys, and the strict check names them.
-    """
-    state = dict(state)
-    proj = state.pop(projection, None)
-    state = strip_prefix(state, prefix)
-    if proj is not None:
-        state[projection] = proj
-    return state
 
 
 # --------------------------------------------------------------------------- shared blocks
@@ -122,12 +107,6 @@ class CLIPEncoder(nn.Module):
         return states
 
 
-def _check_mode(attention_mode: str, chunk_size: int) -> None:
-    check_attention(attention_mode)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
-
-
 # --------------------------------------------------------------------------- vision
 
 
@@ -187,24 +166,6 @@ class CLIPImageEncoder(nn.Module):
         if self.has_projection:
             out["image_embeds"] = self.visual_projection(pooled)
         return out
-
-
-def load_image_encoder(folder: str | os.PathLike, *, dtype: str = "float32", attention: str = "sdpa",
-                       chunk_size: int = 1024) -> CLIPImageEncoder:
-    """Build the CLIP vision tower of ``folder/config.json`` and load its weights strictly.
-
-    Files with and without the ``vision_model.`` prefix load; ``visual_projection`` is optional.
-    """
-    check_dtype(dtype)
-    _check_mode(attention, chunk_size)
-    config = CLIPVisionConfig.from_folder(folder)
-    _check_geometry(config, str(folder))
-    state = split_tower(load_state(folder), "vision_model.", "visual_projection.weight")
-    model = CLIPImageEncoder(config, projection="visual_projection.weight" in state)
-    load_weights(model, state, str(folder), dtype=mlx_dtype(dtype))
-    model.attention = attention
-    model.chunk_size = chunk_size
-    return model
 
 
 # --------------------------------------------------------------------------- text
@@ -286,19 +247,32 @@ class CLIPTextEncoder(nn.Module):
         return out
 
 
-def load_text_encoder(folder: str | os.PathLike, *, dtype: str = "float32", attention: str = "sdpa",
-                      chunk_size: int = 1024) -> CLIPTextEncoder:
-    """Build the CLIP text tower of ``folder/config.json`` and load its weights strictly.
+# --------------------------------------------------------------------------- loading
 
-    Files with and without the ``text_model.`` prefix load; ``text_projection`` is optional.
+
+def load_tower(tower: CLIPTower, model: type, folder: str | os.PathLike, *, dtype: str = "float32",
+               attention: str = "sdpa", chunk_size: int = 1024):
+    """Build ``model`` (this backend's encoder class for ``tower``) from ``folder/config.json`` and
+    load its weights strictly: the one loader of both towers.
+
+    Files with and without the tower's prefix load; the projection is optional (built only
+    when the file has it).
     """
-    check_dtype(dtype)
-    _check_mode(attention, chunk_size)
-    config = CLIPTextConfig.from_folder(folder)
+    check_load_options(dtype, attention, chunk_size)
+    config = tower.config.from_folder(folder)
     _check_geometry(config, str(folder))
-    state = split_tower(load_state(folder), "text_model.", "text_projection.weight")
-    model = CLIPTextEncoder(config, projection="text_projection.weight" in state)
-    load_weights(model, state, str(folder), dtype=mlx_dtype(dtype))
-    model.attention = attention
-    model.chunk_size = chunk_size
-    return model
+    state = tower.read_state(folder)
+    return load_model(lambda: model(config, projection=tower.projection in state), state, str(folder),
+                      dtype=dtype, attention=attention, chunk_size=chunk_size)
+
+
+def load_image_encoder(folder: str | os.PathLike, *, dtype: str = "float32",
+                       attention: str = "sdpa", chunk_size: int = 1024) -> CLIPImageEncoder:
+    """``load_tower`` of the vision tower: ``vision_model.`` prefix and ``visual_projection`` optional."""
+    return load_tower(IMAGE_TOWER, CLIPImageEncoder, folder, dtype=dtype, attention=attention, chunk_size=chunk_size)
+
+
+def load_text_encoder(folder: str | os.PathLike, *, dtype: str = "float32",
+                      attention: str = "sdpa", chunk_size: int = 1024) -> CLIPTextEncoder:
+    """``load_tower`` of the text tower: ``text_model.`` prefix and ``text_projection`` optional."""
+    return load_tower(TEXT_TOWER, CLIPTextEncoder, folder, dtype=dtype, attention=attention, chunk_size=chunk_size)

@@ -1,9 +1,10 @@
-"""Pieces every MLX model shares: weight loading, attention, float32 norms, NCHW<->NHWC."""
+"""Pieces every MLX model shares: weight loading, inputs, attention, float32 norms, NCHW<->NHWC,
+the sinusoidal time features, the resnet skeleton and the nearest ×2 upsampler."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from oxigaf.checkpoints import check_state
 from oxigaf.config import check_attention
+from oxigaf.errors import InputError
 
 MLX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -44,6 +46,64 @@ def load_weights(module: nn.Module, state: Mapping[str, np.ndarray], where: str,
     mx.eval(module.parameters())
     module.eval()
     return module
+
+
+def load_model(build: Callable[[], nn.Module], state: Mapping[str, np.ndarray], where: str, *, dtype: str,
+               attention: str, chunk_size: int) -> nn.Module:
+    """``build()``, ``state`` loaded into it strictly (``load_weights``), and its call-time
+    attention defaults set."""
+    model = build()
+    load_weights(model, state, where, dtype=mlx_dtype(dtype))
+    model.attention = attention
+    model.chunk_size = chunk_size
+    return model
+
+
+def as_float_input(t, name: str, dtype: mx.Dtype) -> mx.array:
+    """A model input ``name``: a floating-point mx.array (or numpy array), cast to the model's dtype."""
+    if isinstance(t, np.ndarray):
+        t = mx.array(t)
+    if not isinstance(t, mx.array):
+        raise InputError(f"{name} must be an mx.array; got {type(t).__name__}")
+    if not mx.issubdtype(t.dtype, mx.floating):
+        raise InputError(f"{name} must be a floating-point array; got {t.dtype}")
+    return t.astype(dtype)
+
+
+def per_item(t, n: int, name: str, float32: bool = False) -> mx.array:
+    """One value per batch item, (n,): a scalar is repeated; ``float32`` casts (else the dtype stays)."""
+    if not isinstance(t, mx.array):
+        t = mx.array(np.asarray(t, dtype=np.float32) if float32 else np.asarray(t))
+    if float32:
+        t = t.astype(mx.float32)
+    if t.ndim == 0:
+        t = mx.broadcast_to(t, (n,))
+    if tuple(t.shape) != (n,):
+        raise InputError(f"{name} must be ({n},) or a scalar; got {tuple(t.shape)}")
+    return t
+
+
+def check_tokens(t: mx.array, n: int, dim: int, name: str) -> mx.array:
+    """A (n, L, dim) token sequence (text context), else an ``InputError`` naming it."""
+    if t.ndim != 3 or t.shape[0] != n or t.shape[2] != dim:
+        raise InputError(f"{name} must be ({n}, L, {dim}); got {tuple(t.shape)}")
+    return t
+
+
+def sinusoids(args: mx.array, cos_first: bool = True) -> mx.array:
+    """``[cos, sin](args)`` (or ``[sin, cos]``) along the last axis: the time features of both UNets."""
+    parts = [mx.cos(args), mx.sin(args)] if cos_first else [mx.sin(args), mx.cos(args)]
+    return mx.concatenate(parts, axis=-1)
+
+
+def timestep_embedding(timesteps: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
+    """``[cos, sin]`` of t·exp(−ln(max_period)·i/half), i < half, always in float32."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    emb = sinusoids(timesteps.astype(mx.float32)[:, None] * freqs[None])
+    if dim % 2:
+        emb = mx.concatenate([emb, mx.zeros_like(emb[:, :1])], axis=-1)
+    return emb
 
 
 class GroupNorm(nn.GroupNorm):
@@ -79,6 +139,47 @@ def nchw_to_nhwc(x: mx.array) -> mx.array:
 
 def nhwc_to_nchw(x: mx.array) -> mx.array:
     return x.transpose(0, 3, 1, 2)
+
+
+class ResnetSkeleton(nn.Module):
+    """``shortcut(x) + conv2(act(norm2(conv1(act(norm1(x, *cond))), *cond)))``: the resnet of the
+    VAE and of the upsampler's K-UNet. Subclasses set ``norm1``, ``conv1``, ``norm2``, ``conv2``,
+    ``conv_shortcut`` (only where there is one) and ``act``, named as their checkpoints name them;
+    a norm without a condition runs in float32 (``norm32``)."""
+
+    def _norm(self, norm: nn.Module, x: mx.array, cond: tuple) -> mx.array:
+        return norm(x, *cond) if cond else norm32(norm, x)
+
+    def __call__(self, x: mx.array, *cond: mx.array) -> mx.array:
+        h = self.conv1(self.act(self._norm(self.norm1, x, cond)))
+        h = self.conv2(self.act(self._norm(self.norm2, h, cond)))
+        return (self.conv_shortcut(x) if "conv_shortcut" in self else x) + h
+
+
+class Upsample(nn.Module):
+    """Nearest ×2 (NHWC), then a 3×3 convolution (``conv``): the UNet's and the VAE decoder's upsampler."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        # Every pixel repeated along both spatial axes.
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c)).reshape(n, 2 * h, 2 * w, c)
+        return self.conv(x)
+
+
+def split_heads(t: mx.array, heads: int) -> mx.array:
+    """(B, N, heads·d) -> (B, heads, N, d)."""
+    b, n, _ = t.shape
+    return t.reshape(b, n, heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(t: mx.array) -> mx.array:
+    """(B, heads, N, d) -> (B, N, heads·d)."""
+    b, h, n, d = t.shape
+    return t.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
 
 def metal_available() -> bool:

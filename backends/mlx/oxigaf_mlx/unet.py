@@ -22,22 +22,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from oxigaf.checkpoints import load_state
-from oxigaf.config import UNetConfig, check_attention, check_dtype, check_positive_int
-from oxigaf.errors import InputError, ModelLoadError
+from oxigaf.config import UNET_NORM_GROUPS, UNetConfig, check_load_options
+from oxigaf.errors import InputError
 
-from .common import (
-    attention,
-    group_norm,
-    load_weights,
-    mlx_dtype,
-    nchw_to_nhwc,
-    nhwc_to_nchw,
-    norm32,
-    resolve_attention,
-)
+from . import common
+from .common import Upsample, attention, group_norm, merge_heads, norm32, split_heads, timestep_embedding
 
 # The reference hard-codes the IP-Adapter-Plus resampler's geometry (only its query count,
 # ``ip_dim``, and its width, ``context_dim``, come from the config).
@@ -46,8 +37,6 @@ RESAMPLER_HEADS = 12
 RESAMPLER_DIM_HEAD = 64
 RESAMPLER_EMBEDDING_DIM = 1280  # CLIP ViT-H/14 hidden size
 RESAMPLER_FF_MULT = 4
-
-GROUPS = 32
 
 
 @dataclass(frozen=True)
@@ -59,28 +48,7 @@ class _Call:
     ip_weight: float
 
 
-def timestep_embedding(timesteps: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
-    """``[cos, sin]`` of t·exp(−ln(max_period)·i/half), i < half, always in float32."""
-    half = dim // 2
-    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
-    args = timesteps.astype(mx.float32)[:, None] * freqs[None]
-    emb = mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
-    if dim % 2:
-        emb = mx.concatenate([emb, mx.zeros_like(emb[:, :1])], axis=-1)
-    return emb
-
-
 # --------------------------------------------------------------------------- attention
-
-
-def _heads(t: mx.array, heads: int) -> mx.array:
-    b, n, _ = t.shape
-    return t.reshape(b, n, heads, -1).transpose(0, 2, 1, 3)
-
-
-def _merge(t: mx.array) -> mx.array:
-    b, h, n, d = t.shape
-    return t.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
 
 class CrossAttention(nn.Module):
@@ -103,18 +71,18 @@ class CrossAttention(nn.Module):
 
     def __call__(self, x: mx.array, context: mx.array | None, call: _Call) -> mx.array:
         context = x if context is None else context
-        q = _heads(self.to_q(x), self.heads)
+        q = split_heads(self.to_q(x), self.heads)
         if self.ip_dim > 0:
             image = context[:, -self.ip_dim:]
             context = context[:, : context.shape[1] - self.ip_dim]
-        k = _heads(self.to_k(context), self.heads)
-        v = _heads(self.to_v(context), self.heads)
+        k = split_heads(self.to_k(context), self.heads)
+        v = split_heads(self.to_v(context), self.heads)
         out = attention(q, k, v, call.mode, chunk_size=call.chunk_size)
         if self.ip_dim > 0:
-            k_ip = _heads(self.to_k_ip(image), self.heads)
-            v_ip = _heads(self.to_v_ip(image), self.heads)
+            k_ip = split_heads(self.to_k_ip(image), self.heads)
+            v_ip = split_heads(self.to_v_ip(image), self.heads)
             out = out + call.ip_weight * attention(q, k_ip, v_ip, call.mode, chunk_size=call.chunk_size)
-        return self.to_out[0](_merge(out))
+        return self.to_out[0](merge_heads(out))
 
 
 class GEGLU(nn.Module):
@@ -161,7 +129,7 @@ class SpatialTransformer3D(nn.Module):
     def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int, ip_dim: int):
         super().__init__()
         inner = heads * dim_head
-        self.norm = group_norm(GROUPS, channels, eps=1e-6)
+        self.norm = group_norm(UNET_NORM_GROUPS, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = [
             BasicTransformerBlock3D(inner, heads, dim_head, context_dim, ip_dim) for _ in range(depth)
@@ -184,10 +152,10 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = [group_norm(GROUPS, channels, eps=1e-5), nn.SiLU(),
+        self.in_layers = [group_norm(UNET_NORM_GROUPS, channels, eps=1e-5), nn.SiLU(),
                           nn.Conv2d(channels, out_channels, 3, padding=1)]
         self.emb_layers = [nn.SiLU(), nn.Linear(emb_channels, out_channels)]
-        self.out_layers = [group_norm(GROUPS, out_channels, eps=1e-5), nn.SiLU(), nn.Dropout(0.0),
+        self.out_layers = [group_norm(UNET_NORM_GROUPS, out_channels, eps=1e-5), nn.SiLU(), nn.Dropout(0.0),
                            nn.Conv2d(out_channels, out_channels, 3, padding=1)]
         if out_channels != channels:
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
@@ -207,18 +175,6 @@ class Downsample(nn.Module):
 
     def __call__(self, x):
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def __call__(self, x):
-        n, h, w, c = x.shape
-        # Nearest ×2 in NHWC: every pixel repeated along both spatial axes.
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (n, h, 2, w, 2, c)).reshape(n, 2 * h, 2 * w, c)
-        return self.conv(x)
 
 
 def _run_block(layers: list, h: mx.array, emb: mx.array, context: mx.array, num_frames: int, call: _Call):
@@ -251,13 +207,13 @@ class PerceiverAttention(nn.Module):
     def __call__(self, x: mx.array, latents: mx.array, call: _Call) -> mx.array:
         x = norm32(self.norm1, x)
         latents = norm32(self.norm2, latents)
-        q = _heads(self.to_q(latents), self.heads)
+        q = split_heads(self.to_q(latents), self.heads)
         k, v = mx.split(self.to_kv(mx.concatenate([x, latents], axis=-2)), 2, axis=-1)
         # The reference scales q and k by dim_head^-1/4 each before the product (gentler on float16).
         s = 1.0 / math.sqrt(math.sqrt(self.dim_head))
-        out = attention(q * s, _heads(k, self.heads) * s, _heads(v, self.heads), call.mode, scale=1.0,
+        out = attention(q * s, split_heads(k, self.heads) * s, split_heads(v, self.heads), call.mode, scale=1.0,
                         chunk_size=call.chunk_size)
-        return self.to_out(_merge(out))
+        return self.to_out(merge_heads(out))
 
 
 class Resampler(nn.Module):
@@ -296,6 +252,7 @@ class MultiViewUNet(nn.Module):
     def __init__(self, config: UNetConfig, *, attention: str = "auto", chunk_size: int = 1024):
         super().__init__()
         c = config
+        c.check_geometry()
         self.config = c
         self.attention = attention
         self.chunk_size = chunk_size
@@ -354,7 +311,7 @@ class MultiViewUNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(layers)
 
-        self.out = [group_norm(GROUPS, ch, eps=1e-5), nn.SiLU(),
+        self.out = [group_norm(UNET_NORM_GROUPS, ch, eps=1e-5), nn.SiLU(),
                     nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)]
 
     @property
@@ -362,13 +319,7 @@ class MultiViewUNet(nn.Module):
         return self.time_embed[0].weight.dtype
 
     def _as(self, t, name: str) -> mx.array:
-        if isinstance(t, np.ndarray):
-            t = mx.array(t)
-        if not isinstance(t, mx.array):
-            raise InputError(f"{name} must be an mx.array; got {type(t).__name__}")
-        if not mx.issubdtype(t.dtype, mx.floating):
-            raise InputError(f"{name} must be a floating-point array; got {t.dtype}")
-        return t.astype(self.dtype)
+        return common.as_float_input(t, name, self.dtype)
 
     def __call__(self, x, timesteps, context, camera=None, num_frames: int = 1, ip=None, ip_img=None, *,
                  attention: str | None = None, ip_weight: float | None = None) -> mx.array:
@@ -396,19 +347,11 @@ class MultiViewUNet(nn.Module):
         depth = len(self.config.channel_mult) - 1
         if h % (1 << depth) or w % (1 << depth):
             raise InputError(f"latent height and width must be multiples of {1 << depth}; got {h}x{w}")
-        mode = resolve_attention(self.attention if attention is None else attention)
+        mode = common.resolve_attention(self.attention if attention is None else attention)
         call = _Call(mode, self.chunk_size, float(self.ip_weight if ip_weight is None else ip_weight))
 
-        if not isinstance(timesteps, mx.array):
-            timesteps = mx.array(np.asarray(timesteps))
-        if timesteps.ndim == 0:
-            timesteps = mx.broadcast_to(timesteps, (n,))
-        if tuple(timesteps.shape) != (n,):
-            raise InputError(f"timesteps must be ({n},) or a scalar; got {tuple(timesteps.shape)}")
-
-        context = self._as(context, "context")
-        if context.ndim != 3 or context.shape[0] != n or context.shape[2] != self.context_dim:
-            raise InputError(f"context must be ({n}, L, {self.context_dim}); got {tuple(context.shape)}")
+        timesteps = common.per_item(timesteps, n, "timesteps")
+        context = common.check_tokens(self._as(context, "context"), n, self.context_dim, "context")
 
         emb = _mlp(self.time_embed, timestep_embedding(timesteps, self.model_channels).astype(self.dtype))
         if camera is not None:
@@ -434,7 +377,7 @@ class MultiViewUNet(nn.Module):
             raise InputError("this UNet has no image-prompt path (ip_dim 0); pass ip=None and ip_img=None")
 
         hs = []
-        hcur = nchw_to_nhwc(x)
+        hcur = common.nchw_to_nhwc(x)
         for block in self.input_blocks:
             hcur = _run_block(block, hcur, emb, context, num_frames, call)
             hs.append(hcur)
@@ -442,7 +385,7 @@ class MultiViewUNet(nn.Module):
         for block in self.output_blocks:
             hcur = _run_block(block, mx.concatenate([hcur, hs.pop()], axis=-1), emb, context, num_frames, call)
         out = self.out[2](nn.silu(norm32(self.out[0], hcur)))
-        return nhwc_to_nchw(out).astype(out_dtype)
+        return common.nhwc_to_nchw(out).astype(out_dtype)
 
     def _place_reference(self, x: mx.array, ref: mx.array, num_frames: int) -> mx.array:
         """x with frame F−1 of every group replaced by the reference latent (a new array)."""
@@ -461,20 +404,6 @@ def _mlp(layers: list, x: mx.array) -> mx.array:
     return layers[2](nn.silu(layers[0](x)))
 
 
-def _check_geometry(c: UNetConfig) -> None:
-    where = c.source or "UNet config"
-    if c.ip_dim < 0:
-        raise ModelLoadError(f"{where}: ip_dim must be >= 0; got {c.ip_dim}")
-    for mult in c.channel_mult:
-        ch = mult * c.model_channels
-        if ch % GROUPS:
-            raise ModelLoadError(f"{where}: channel width {ch} is not a multiple of GroupNorm's {GROUPS} groups")
-        heads, dim_head = c.heads_for(ch)
-        if heads < 1 or dim_head < 1 or heads * dim_head != ch:
-            raise ModelLoadError(f"{where}: {ch} channels do not split into attention heads "
-                                 f"(num_heads {c.num_heads}, num_head_channels {c.num_head_channels})")
-
-
 def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", attention: str = "auto",
               chunk_size: int = 1024) -> MultiViewUNet:
     """Build the UNet described by ``folder/config.json`` and load its weights strictly.
@@ -483,10 +412,7 @@ def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", attention: s
     ``attention`` the default mode (auto | sdpa | chunked | naive), ``chunk_size`` the query
     block of the chunked mode.
     """
-    check_dtype(dtype)
-    check_attention(attention)
-    check_positive_int(chunk_size, "chunk_size")
+    check_load_options(dtype, attention, chunk_size)
     config = UNetConfig.from_folder(folder)
-    _check_geometry(config)
-    model = MultiViewUNet(config, attention=attention, chunk_size=chunk_size)
-    return load_weights(model, load_state(folder), str(folder), dtype=mlx_dtype(dtype))
+    return common.load_model(lambda: MultiViewUNet(config), load_state(folder), str(folder), dtype=dtype,
+                             attention=attention, chunk_size=chunk_size)

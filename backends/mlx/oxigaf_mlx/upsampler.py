@@ -18,23 +18,14 @@ import os
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from oxigaf.checkpoints import load_state
-from oxigaf.config import UpsamplerUNetConfig, check_attention, check_dtype, check_positive_int
+from oxigaf.config import UpsamplerUNetConfig, check_load_options
 from oxigaf.errors import InputError
 from oxigaf.upsampler import AttentionPlan, BlockPlan, KUNetPlan, ResnetPlan, kunet_plan
 
-from .common import (
-    attention,
-    group_norm,
-    load_weights,
-    mlx_dtype,
-    nchw_to_nhwc,
-    nhwc_to_nchw,
-    norm32,
-    resolve_attention,
-)
+from . import common
+from .common import ResnetSkeleton, attention, group_norm, merge_heads, norm32, sinusoids, split_heads
 
 _ACTIVATIONS = {"gelu": nn.gelu, "silu": nn.silu, "swish": nn.silu, "relu": nn.relu}
 
@@ -94,8 +85,7 @@ class GaussianFourierProjection(nn.Module):
 
     def __call__(self, t: mx.array) -> mx.array:
         proj = t.astype(mx.float32)[:, None] * self.weight.astype(mx.float32)[None, :] * 2 * math.pi
-        parts = [mx.cos(proj), mx.sin(proj)] if self.flip_sin_to_cos else [mx.sin(proj), mx.cos(proj)]
-        return mx.concatenate(parts, axis=-1)
+        return sinusoids(proj, self.flip_sin_to_cos)
 
 
 class TimestepEmbedding(nn.Module):
@@ -135,7 +125,9 @@ class AdaGroupNorm(nn.Module):
         return norm32(self.norm, x) * (1 + scale) + shift
 
 
-class ResnetBlockCondNorm2D(nn.Module):
+class ResnetBlockCondNorm2D(ResnetSkeleton):
+    """The resnet with AdaGroupNorms: ``resnet(x, emb)``."""
+
     def __init__(self, p: ResnetPlan, emb_dim: int, eps: float, act: str):
         super().__init__()
         self.norm1 = AdaGroupNorm(emb_dim, p.in_channels, p.groups, eps)
@@ -145,12 +137,6 @@ class ResnetBlockCondNorm2D(nn.Module):
         self.act = _activation(act)
         if p.shortcut:
             self.conv_shortcut = nn.Conv2d(p.in_channels, p.out_channels, 1, bias=False)
-        self.has_shortcut = p.shortcut
-
-    def __call__(self, x: mx.array, emb: mx.array) -> mx.array:
-        h = self.conv1(self.act(self.norm1(x, emb)))
-        h = self.conv2(self.act(self.norm2(h, emb)))
-        return (self.conv_shortcut(x) if self.has_shortcut else x) + h
 
 
 class Attention(nn.Module):
@@ -169,21 +155,15 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(kv_dim, inner)
         self.to_out = [nn.Linear(inner, dim)]
 
-    def _heads(self, t: mx.array) -> mx.array:
-        b, n, _ = t.shape
-        return t.reshape(b, n, self.heads, -1).transpose(0, 2, 1, 3)
-
     def __call__(self, x: mx.array, context: mx.array | None, mode: str, chunk_size: int) -> mx.array:
         if context is None:
             context = x
         elif self.cross:
             context = norm32(self.norm_cross, context)
-        q = self._heads(self.to_q(x))
-        k = self._heads(self.to_k(context))
-        v = self._heads(self.to_v(context))
-        out = attention(q, k, v, mode, chunk_size=chunk_size)
-        b, h, n, d = out.shape
-        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, h * d))
+        q = split_heads(self.to_q(x), self.heads)
+        k = split_heads(self.to_k(context), self.heads)
+        v = split_heads(self.to_v(context), self.heads)
+        return self.to_out[0](merge_heads(attention(q, k, v, mode, chunk_size=chunk_size)))
 
 
 class KAttentionBlock(nn.Module):
@@ -278,13 +258,7 @@ class UpsamplerUNet(nn.Module):
         return self.conv_in.weight.dtype
 
     def _as(self, t, name: str) -> mx.array:
-        if isinstance(t, np.ndarray):
-            t = mx.array(t)
-        if not isinstance(t, mx.array):
-            raise InputError(f"{name} must be an mlx array; got {type(t).__name__}")
-        if not mx.issubdtype(t.dtype, mx.floating):
-            raise InputError(f"{name} must be a floating-point array; got {t.dtype}")
-        return t.astype(self.dtype)
+        return common.as_float_input(t, name, self.dtype)
 
     def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None, *,
                  attention: str | None = None) -> mx.array:
@@ -306,25 +280,18 @@ class UpsamplerUNet(nn.Module):
         if h % factor or w % factor or min(h, w) // factor < 2:
             raise InputError(f"sample height and width must be multiples of {factor} and at least {2 * factor}; "
                              f"got {h}x{w}")
-        t = timestep if isinstance(timestep, mx.array) else mx.array(np.asarray(timestep, dtype=np.float32))
-        t = t.astype(mx.float32)
-        if t.ndim == 0:
-            t = mx.broadcast_to(t, (b,))
-        if tuple(t.shape) != (b,):
-            raise InputError(f"timestep must be a scalar or ({b},); got {tuple(t.shape)}")
+        t = common.per_item(timestep, b, "timestep", float32=True)
         context = self._as(encoder_hidden_states, "encoder_hidden_states")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != p.cross_attention_dim:
-            raise InputError(f"encoder_hidden_states must be ({b}, L, {p.cross_attention_dim}); "
-                             f"got {tuple(context.shape)}")
+        context = common.check_tokens(context, b, p.cross_attention_dim, "encoder_hidden_states")
         cond = None
         if timestep_cond is not None:
             cond = self._as(timestep_cond, "timestep_cond")
             if tuple(cond.shape) != (b, p.cond_dim):
                 raise InputError(f"timestep_cond must be ({b}, {p.cond_dim}); got {tuple(cond.shape)}")
-        mode = resolve_attention(self.attention if attention is None else attention)
+        mode = common.resolve_attention(self.attention if attention is None else attention)
 
         emb = self.time_embedding(self.time_proj(t).astype(self.dtype), cond)
-        x = self.conv_in(nchw_to_nhwc(x))
+        x = self.conv_in(common.nchw_to_nhwc(x))
         skips = [x]
         for block in self.down_blocks:
             x, emitted = block(x, emb, context, mode, self.chunk_size)
@@ -337,18 +304,13 @@ class UpsamplerUNet(nn.Module):
             if taken[-1] is not None:
                 x = mx.concatenate([x, taken[-1]], axis=-1)
             x, _ = block(x, emb, context, mode, self.chunk_size)
-        return nhwc_to_nchw(self.conv_out(x)).astype(out_dtype)
+        return common.nhwc_to_nchw(self.conv_out(x)).astype(out_dtype)
 
 
 def load_upsampler_unet(folder: str | os.PathLike, *, dtype: str = "float32", attention: str = "auto",
                         chunk_size: int = 1024) -> UpsamplerUNet:
     """Build the K-UNet described by ``folder/config.json`` and load its weights strictly."""
-    check_dtype(dtype)
-    check_attention(attention)
-    check_positive_int(chunk_size, "chunk_size")
+    check_load_options(dtype, attention, chunk_size)
     config = UpsamplerUNetConfig.from_folder(folder)
-    model = UpsamplerUNet(config)
-    load_weights(model, load_state(folder), str(folder), dtype=mlx_dtype(dtype))
-    model.attention = attention
-    model.chunk_size = chunk_size
-    return model
+    return common.load_model(lambda: UpsamplerUNet(config), load_state(folder), str(folder), dtype=dtype,
+                             attention=attention, chunk_size=chunk_size)

@@ -23,19 +23,11 @@ import mlx.nn as nn
 import numpy as np
 
 from oxigaf.checkpoints import load_state, rename
-from oxigaf.config import VAEConfig, check_attention, check_dtype, check_positive_int
+from oxigaf.config import VAEConfig, check_load_options
 from oxigaf.errors import ConfigError, InputError, ModelLoadError
 
-from .common import (
-    attention,
-    group_norm,
-    load_weights,
-    mlx_dtype,
-    nchw_to_nhwc,
-    nhwc_to_nchw,
-    norm32,
-    resolve_attention,
-)
+from . import common
+from .common import ResnetSkeleton, Upsample, attention, group_norm, norm32
 
 EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -48,7 +40,7 @@ _ATTENTION_PREFIXES = ("encoder.mid_block.attentions.", "decoder.mid_block.atten
 # --------------------------------------------------------------------------- blocks
 
 
-class ResnetBlock2D(nn.Module):
+class ResnetBlock2D(ResnetSkeleton):
     """norm → SiLU → conv → norm → SiLU → conv, plus the input (1×1 conv when widths differ)."""
 
     def __init__(self, cin: int, cout: int, groups: int):
@@ -59,12 +51,7 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         if cin != cout:
             self.conv_shortcut = nn.Conv2d(cin, cout, 1)
-
-    def __call__(self, x):
-        h = self.conv1(nn.silu(norm32(self.norm1, x)))
-        h = self.conv2(nn.silu(norm32(self.norm2, h)))
-        skip = self.conv_shortcut(x) if "conv_shortcut" in self else x
-        return skip + h
+        self.act = nn.silu
 
 
 class AttentionBlock(nn.Module):
@@ -108,17 +95,6 @@ class Downsample(nn.Module):
     def __call__(self, x):
         # Pad right and bottom only: the reference's asymmetric "same" for stride 2.
         return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def __call__(self, x):
-        b, h, w, c = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-        return self.conv(x)
 
 
 class DownEncoderBlock(nn.Module):
@@ -279,13 +255,13 @@ class VAE(nn.Module):
             raise InputError(f"VAE {what} must be (batch, {channels}, height, width); got {tuple(x.shape)}")
         if not mx.issubdtype(x.dtype, mx.floating):
             raise InputError(f"VAE {what} must be floating point; got {x.dtype}")
-        return nchw_to_nhwc(x.astype(self.dtype))
+        return common.nchw_to_nhwc(x.astype(self.dtype))
 
     def encode(self, images, return_logvar: bool = False):
         """Images (B, 3, H, W) in [-1, 1] -> posterior mean (B, latent, H/f, W/f), unscaled;
         with ``return_logvar`` also the log-variance, clamped to [-30, 20]."""
         x = self._input(images, self.config.in_channels, "images")
-        mode = resolve_attention(self.attention)
+        mode = common.resolve_attention(self.attention)
         moments = []
         for i in range(x.shape[0]):
             m = self.encoder(x[i:i + 1], mode, self.chunk_size)
@@ -293,7 +269,7 @@ class VAE(nn.Module):
                 m = self.quant_conv(m)
             mx.eval(m)
             moments.append(m)
-        moments = nhwc_to_nchw(mx.concatenate(moments, axis=0))
+        moments = common.nhwc_to_nchw(mx.concatenate(moments, axis=0))
         c = self.config.latent_channels
         mean, logvar = moments[:, :c], moments[:, c:]
         if return_logvar:
@@ -312,7 +288,7 @@ class VAE(nn.Module):
         else:
             tile, overlap = tile_size, tile_overlap
         tile, overlap = _tile_plan(tile, overlap, self.scale_factor)
-        mode = resolve_attention(self.attention)
+        mode = common.resolve_attention(self.attention)
         f = self.scale_factor
         outs = []
         for i in range(z.shape[0]):
@@ -325,7 +301,7 @@ class VAE(nn.Module):
                 img = self.decoder(zi, mode, self.chunk_size)
             mx.eval(img)
             outs.append(img)
-        return nhwc_to_nchw(mx.concatenate(outs, axis=0))
+        return common.nhwc_to_nchw(mx.concatenate(outs, axis=0))
 
     def _decode_tiled(self, z, tile: int, overlap: int, mode: str):
         """One latent (1, h, w, C); tiles of ``tile`` latent pixels overlapping by ``overlap``.
@@ -358,25 +334,6 @@ class VAE(nn.Module):
 # --------------------------------------------------------------------------- loading
 
 
-def check_vae_config(cfg: VAEConfig) -> None:
-    """Refuse configs this implementation does not build (rather than build something else)."""
-    where = cfg.source or "VAE config"
-    n = len(cfg.block_out_channels)
-    if n < 1:
-        raise ModelLoadError(f"{where}: block_out_channels is empty")
-    bad = [t for t in cfg.down_block_types if t != "DownEncoderBlock2D"]
-    bad += [t for t in cfg.up_block_types if t != "UpDecoderBlock2D"]
-    if bad:
-        raise ModelLoadError(f"{where}: unsupported VAE block types {sorted(set(bad))} "
-                             "(only DownEncoderBlock2D / UpDecoderBlock2D)")
-    if len(cfg.down_block_types) != n or len(cfg.up_block_types) != n:
-        raise ModelLoadError(f"{where}: down/up_block_types must have one entry per block_out_channels ({n})")
-    if cfg.act_fn not in ("silu", "swish"):
-        raise ModelLoadError(f"{where}: unsupported act_fn {cfg.act_fn!r} (only silu)")
-    if any(c % cfg.norm_num_groups for c in cfg.block_out_channels):
-        raise ModelLoadError(f"{where}: block_out_channels must be divisible by norm_num_groups")
-
-
 def read_vae_state(folder) -> dict[str, np.ndarray]:
     """The VAE's tensors with legacy (diffusers < 0.14) mid-block attention names mapped to today's."""
     out: dict[str, np.ndarray] = {}
@@ -396,16 +353,12 @@ def load_vae(folder: str | os.PathLike, *, dtype: str = "float32", tile_size: in
     ``tile_size`` / ``tile_overlap``: default decode tiling in pixels (see ``VAE``); 0 = never.
     ``attention`` / ``chunk_size``: mode of the mid-block attention (auto | sdpa | chunked | naive).
     """
-    check_dtype(dtype)
-    check_attention(attention)
-    check_positive_int(chunk_size, "chunk_size")
+    check_load_options(dtype, attention, chunk_size)
     config = VAEConfig.from_folder(folder)
-    check_vae_config(config)
+    config.check_geometry()
     tile_size, tile_overlap = _tile_plan(tile_size, tile_overlap, 2 ** (len(config.block_out_channels) - 1))
-    model = VAE(config)
-    load_weights(model, read_vae_state(folder), str(folder), dtype=mlx_dtype(dtype))
-    model.attention = attention
-    model.chunk_size = chunk_size
+    model = common.load_model(lambda: VAE(config), read_vae_state(folder), str(folder), dtype=dtype,
+                              attention=attention, chunk_size=chunk_size)
     model.tile_size = tile_size
     model.tile_overlap = tile_overlap
     return model

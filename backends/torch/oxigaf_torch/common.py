@@ -1,9 +1,10 @@
-"""Pieces every torch model shares: weight loading, attention, float32 norms."""
+"""Pieces every torch model shares: weight loading, inputs, attention, float32 norms, the
+sinusoidal time features, the resnet skeleton and the nearest ×2 upsampler."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from oxigaf.checkpoints import check_state
 from oxigaf.config import check_attention
+from oxigaf.errors import InputError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,6 +44,64 @@ def load_weights(module: nn.Module, state: Mapping[str, np.ndarray], where: str,
     return module.eval().requires_grad_(False)
 
 
+def load_model(build: Callable[[], nn.Module], state: Mapping[str, np.ndarray], where: str, *, dtype: str,
+               device: str | torch.device, attention: str, chunk_size: int) -> nn.Module:
+    """``build()`` on the meta device, ``state`` loaded into it strictly (``load_weights``), and
+    its call-time attention defaults set."""
+    with torch.device("meta"):
+        model = build()
+    load_weights(model, state, where, dtype=torch_dtype(dtype), device=device)
+    model.attention = attention
+    model.chunk_size = chunk_size
+    return model
+
+
+def as_float_input(t, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A model input ``name``: a floating-point torch tensor, moved to the model's device and dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{name} must be a torch tensor; got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise InputError(f"{name} must be a floating-point tensor; got {t.dtype}")
+    return t.to(device=device, dtype=dtype)
+
+
+def per_item(t, n: int, name: str, device: torch.device, float32: bool = False) -> torch.Tensor:
+    """One value per batch item, (n,): a scalar is repeated; ``float32`` casts (else the dtype stays)."""
+    dtype = torch.float32 if float32 else None
+    t = t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=dtype)
+    t = t.to(device=device, dtype=dtype)
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise InputError(f"{name} must be ({n},) or a scalar; got {tuple(t.shape)}")
+    return t
+
+
+def check_tokens(t: torch.Tensor, n: int, dim: int, name: str) -> torch.Tensor:
+    """A (n, L, dim) token sequence (text context), else an ``InputError`` naming it."""
+    if t.ndim != 3 or t.shape[0] != n or t.shape[2] != dim:
+        raise InputError(f"{name} must be ({n}, L, {dim}); got {tuple(t.shape)}")
+    return t
+
+
+def sinusoids(args: torch.Tensor, cos_first: bool = True) -> torch.Tensor:
+    """``[cos, sin](args)`` (or ``[sin, cos]``) along the last axis: the time features of both UNets."""
+    parts = [torch.cos(args), torch.sin(args)] if cos_first else [torch.sin(args), torch.cos(args)]
+    return torch.cat(parts, dim=-1)
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """``[cos, sin]`` of t·exp(−ln(max_period)·i/half), i < half, always in float32."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    emb = sinusoids(timesteps.float()[:, None] * freqs[None])
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the activation dtype (as the reference does).
 
@@ -67,6 +127,40 @@ class LayerNorm32(nn.LayerNorm):
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class ResnetSkeleton(nn.Module):
+    """``shortcut(x) + conv2(act(norm2(conv1(act(norm1(x, *cond))), *cond)))``: the resnet of the
+    VAE and of the upsampler's K-UNet. Subclasses set ``norm1``, ``conv1``, ``norm2``, ``conv2``,
+    ``conv_shortcut`` (a module or None) and ``act``, named as their checkpoints name them."""
+
+    def forward(self, x: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x, *cond)))
+        h = self.conv2(self.act(self.norm2(h, *cond)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Upsample(nn.Module):
+    """Nearest ×2, then a 3×3 convolution (``conv``): the UNet's and the VAE decoder's upsampler."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads·d) -> (B, heads, N, d)."""
+    b, n, _ = t.shape
+    return t.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, N, heads·d)."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
 
 
 def resolve_attention(mode: str, device: torch.device | str) -> str:

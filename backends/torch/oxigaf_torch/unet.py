@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxigaf.checkpoints import load_state
-from oxigaf.config import UNetConfig, check_attention, check_dtype, check_positive_int
-from oxigaf.errors import InputError, ModelLoadError
+from oxigaf.config import UNET_NORM_GROUPS, UNetConfig, check_load_options
+from oxigaf.errors import InputError
 
-from .common import GroupNorm32, LayerNorm32, load_weights, resolve_attention, torch_dtype
+from . import common
+from .common import GroupNorm32, LayerNorm32, Upsample, merge_heads, split_heads, timestep_embedding
 from .common import attention as scaled_attention
 
 # The reference hard-codes the IP-Adapter-Plus resampler's geometry (only its query count,
@@ -54,19 +55,6 @@ class _Call:
     fast: bool = False
     # the cross-attention context is (B, L, C), one per group of frames, not one per frame
     grouped: bool = False
-
-
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """``[cos, sin]`` of t·exp(−ln(max_period)·i/half), i < half, always in float32."""
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    )
-    args = timesteps.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
 
 
 # --------------------------------------------------------------------------- fast norms
@@ -137,16 +125,6 @@ def _add(out: torch.Tensor, other: torch.Tensor, call: _Call | None) -> torch.Te
 # --------------------------------------------------------------------------- attention
 
 
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, _ = t.shape
-    return t.reshape(b, n, heads, -1).transpose(1, 2)
-
-
-def _merge(t: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * d)
-
-
 class CrossAttention(nn.Module):
     """Multi-head attention; with ``ip_dim`` the last ``ip_dim`` context tokens (the resampled
     image tokens) get their own keys/values and their own softmax, added with ``ip_weight``."""
@@ -173,16 +151,16 @@ class CrossAttention(nn.Module):
             # contiguous halves: a strided 3-D input makes Linear copy its weight per batch item
             context, context_ip = context[:, : -self.ip_dim].contiguous(), context[:, -self.ip_dim:].contiguous()
         scale = 1.0 / math.sqrt(self.dim_head)
-        q = _heads(self.to_q(x), self.heads)
-        k = _heads(self.to_k(context), self.heads)
-        v = _heads(self.to_v(context), self.heads)
+        q = split_heads(self.to_q(x), self.heads)
+        k = split_heads(self.to_k(context), self.heads)
+        v = split_heads(self.to_v(context), self.heads)
         out = scaled_attention(q, k, v, call.mode, scale=scale, chunk_size=call.chunk_size)
         if self.ip_dim > 0:
-            k_ip = _heads(self.to_k_ip(context_ip), self.heads)
-            v_ip = _heads(self.to_v_ip(context_ip), self.heads)
+            k_ip = split_heads(self.to_k_ip(context_ip), self.heads)
+            v_ip = split_heads(self.to_v_ip(context_ip), self.heads)
             out_ip = scaled_attention(q, k_ip, v_ip, call.mode, scale=scale, chunk_size=call.chunk_size)
             out = out.add_(out_ip, alpha=call.ip_weight) if call.fast else out + call.ip_weight * out_ip
-        return self.to_out(_merge(out))
+        return self.to_out(merge_heads(out))
 
 
 class GEGLU(nn.Module):
@@ -239,7 +217,7 @@ class SpatialTransformer3D(nn.Module):
     def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int, ip_dim: int):
         super().__init__()
         inner = heads * dim_head
-        self.norm = GroupNorm32(32, channels, eps=1e-6)
+        self.norm = GroupNorm32(UNET_NORM_GROUPS, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock3D(inner, heads, dim_head, context_dim, ip_dim) for _ in range(depth)]
@@ -267,12 +245,13 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.in_layers = nn.Sequential(
-            GroupNorm32(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(UNET_NORM_GROUPS, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # out_layers.2 is the reference's Dropout slot
         self.out_layers = nn.Sequential(
-            GroupNorm32(32, out_channels), nn.SiLU(), nn.Identity(), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            GroupNorm32(UNET_NORM_GROUPS, out_channels), nn.SiLU(), nn.Identity(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -290,15 +269,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 class CondSequential(nn.Sequential):
@@ -333,15 +303,15 @@ class PerceiverAttention(nn.Module):
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x)
         latents = self.norm2(latents)
-        q = _heads(self.to_q(latents), self.heads)
+        q = split_heads(self.to_q(latents), self.heads)
         k, v = self.to_kv(torch.cat([x, latents], dim=-2)).chunk(2, dim=-1)
-        k, v = _heads(k, self.heads), _heads(v, self.heads)
+        k, v = split_heads(k, self.heads), split_heads(v, self.heads)
         # q and k are each scaled by dim_head^-1/4 before the product, as the reference does to
         # keep float16 scores in range; the softmax itself runs in float32 (naive path). The
         # matrix is tiny (queries × (257 + queries)), so no other attention mode is worth it.
         s = self.dim_head ** -0.25
         out = scaled_attention(q * s, k * s, v, "naive", scale=1.0)
-        return self.to_out(_merge(out))
+        return self.to_out(merge_heads(out))
 
 
 class Resampler(nn.Module):
@@ -382,7 +352,7 @@ class MultiViewUNet(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        _check_geometry(c)
+        c.check_geometry()
         self.model_channels = c.model_channels
         self.in_channels = c.in_channels
         self.context_dim = c.context_dim
@@ -442,7 +412,7 @@ class MultiViewUNet(nn.Module):
                 self.output_blocks.append(CondSequential(*layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
+            GroupNorm32(UNET_NORM_GROUPS, ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
         )
 
     # -- helpers ---------------------------------------------------------------------------
@@ -456,11 +426,7 @@ class MultiViewUNet(nn.Module):
         return self.time_embed[0].weight.device
 
     def _as(self, t, name: str) -> torch.Tensor:
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"{name} must be a torch tensor; got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise InputError(f"{name} must be a floating-point tensor; got {t.dtype}")
-        return t.to(device=self.device, dtype=self.dtype)
+        return common.as_float_input(t, name, self.dtype, self.device)
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -490,20 +456,11 @@ class MultiViewUNet(nn.Module):
         depth = len(self.config.channel_mult) - 1
         if h % (1 << depth) or w % (1 << depth):
             raise InputError(f"latent height and width must be multiples of {1 << depth}; got {h}x{w}")
-        mode = resolve_attention(self.attention if attention is None else attention, self.device)
+        mode = common.resolve_attention(self.attention if attention is None else attention, self.device)
         fast = not torch.is_grad_enabled()
 
-        if not isinstance(timesteps, torch.Tensor):
-            timesteps = torch.tensor(timesteps)
-        timesteps = timesteps.to(self.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(n)
-        if timesteps.shape != (n,):
-            raise InputError(f"timesteps must be ({n},) or a scalar; got {tuple(timesteps.shape)}")
-
-        context = self._as(context, "context")
-        if context.ndim != 3 or context.shape[0] != n or context.shape[2] != self.context_dim:
-            raise InputError(f"context must be ({n}, L, {self.context_dim}); got {tuple(context.shape)}")
+        timesteps = common.per_item(timesteps, n, "timesteps", self.device)
+        context = common.check_tokens(self._as(context, "context"), n, self.context_dim, "context")
 
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.dtype))
         if camera is not None:
@@ -572,20 +529,6 @@ def _same_in_groups(t: torch.Tensor, num_frames: int) -> bool:
     return torch.equal(g[:, 1:], g[:, :1].expand(-1, num_frames - 1, -1))
 
 
-def _check_geometry(c: UNetConfig) -> None:
-    where = c.source or "UNet config"
-    if c.ip_dim < 0:
-        raise ModelLoadError(f"{where}: ip_dim must be >= 0; got {c.ip_dim}")
-    for mult in c.channel_mult:
-        ch = mult * c.model_channels
-        if ch % 32:
-            raise ModelLoadError(f"{where}: channel width {ch} is not a multiple of GroupNorm's 32 groups")
-        heads, dim_head = c.heads_for(ch)
-        if heads < 1 or dim_head < 1 or heads * dim_head != ch:
-            raise ModelLoadError(f"{where}: {ch} channels do not split into attention heads "
-                                 f"(num_heads {c.num_heads}, num_head_channels {c.num_head_channels})")
-
-
 def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
               attention: str = "auto", chunk_size: int = 1024, channels_last: bool | None = None) -> MultiViewUNet:
     """Build the UNet described by ``folder/config.json`` and load its weights strictly.
@@ -597,15 +540,10 @@ def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str 
     where oneDNN's and cuDNN's convolutions are fastest in it (about 2x on an AMX CPU), and NCHW
     in float32, where oneDNN's blocked NCHW convolutions beat its channels-last ones on the CPU.
     """
-    check_dtype(dtype)
-    check_attention(attention)
-    check_positive_int(chunk_size, "chunk_size")
+    check_load_options(dtype, attention, chunk_size)
     config = UNetConfig.from_folder(folder)
-    with torch.device("meta"):
-        model = MultiViewUNet(config)
-    load_weights(model, load_state(folder), str(folder), dtype=torch_dtype(dtype), device=device)
-    model.attention = attention
-    model.chunk_size = chunk_size
+    model = common.load_model(lambda: MultiViewUNet(config), load_state(folder), str(folder), dtype=dtype,
+                              device=device, attention=attention, chunk_size=chunk_size)
     model.channels_last = dtype != "float32" if channels_last is None else bool(channels_last)
     if model.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxigaf.checkpoints import load_state
-from oxigaf.config import UpsamplerUNetConfig, check_attention, check_dtype, check_positive_int
+from oxigaf.config import UpsamplerUNetConfig, check_load_options
 from oxigaf.errors import InputError
 from oxigaf.upsampler import AttentionPlan, BlockPlan, KUNetPlan, ResnetPlan, kunet_plan
 
-from .common import LayerNorm32, attention, load_weights, resolve_attention, torch_dtype
+from . import common
+from .common import LayerNorm32, ResnetSkeleton, attention, merge_heads, sinusoids, split_heads
 
 _BLUR_1D = (1 / 8, 3 / 8, 3 / 8, 1 / 8)
 
@@ -52,16 +53,6 @@ def k_upsample(x: torch.Tensor) -> torch.Tensor:
     return F.conv_transpose2d(x, _blur_kernel(x.shape[1], 2.0, x), stride=2, padding=3, groups=x.shape[1])
 
 
-def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, _ = t.shape
-    return t.reshape(b, n, heads, -1).transpose(1, 2)
-
-
-def _merge(t: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * d)
-
-
 # --------------------------------------------------------------------------- time
 
 
@@ -74,9 +65,7 @@ class GaussianFourierProjection(nn.Module):
         self.flip_sin_to_cos = flip_sin_to_cos
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        proj = t.float()[:, None] * self.weight.float()[None, :] * 2 * math.pi
-        parts = [torch.cos(proj), torch.sin(proj)] if self.flip_sin_to_cos else [torch.sin(proj), torch.cos(proj)]
-        return torch.cat(parts, dim=-1)
+        return sinusoids(t.float()[:, None] * self.weight.float()[None, :] * 2 * math.pi, self.flip_sin_to_cos)
 
 
 class TimestepEmbedding(nn.Module):
@@ -116,7 +105,9 @@ class AdaGroupNorm(nn.Module):
         return x * (1 + scale) + shift
 
 
-class ResnetBlockCondNorm2D(nn.Module):
+class ResnetBlockCondNorm2D(ResnetSkeleton):
+    """The resnet with AdaGroupNorms: ``resnet(x, emb)``."""
+
     def __init__(self, p: ResnetPlan, emb_dim: int, eps: float, act: str):
         super().__init__()
         self.norm1 = AdaGroupNorm(emb_dim, p.in_channels, p.groups, eps)
@@ -125,11 +116,6 @@ class ResnetBlockCondNorm2D(nn.Module):
         self.conv2 = nn.Conv2d(p.mid_channels, p.out_channels, 3, padding=1)
         self.act = _activation(act)
         self.conv_shortcut = nn.Conv2d(p.in_channels, p.out_channels, 1, bias=False) if p.shortcut else None
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x, emb)))
-        h = self.conv2(self.act(self.norm2(h, emb)))
-        return (self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h
 
 
 class Attention(nn.Module):
@@ -151,10 +137,10 @@ class Attention(nn.Module):
             context = x
         elif self.norm_cross is not None:
             context = self.norm_cross(context)
-        q = _heads(self.to_q(x), self.heads)
-        k = _heads(self.to_k(context), self.heads)
-        v = _heads(self.to_v(context), self.heads)
-        return self.to_out[0](_merge(attention(q, k, v, mode, chunk_size=chunk_size)))
+        q = split_heads(self.to_q(x), self.heads)
+        k = split_heads(self.to_k(context), self.heads)
+        v = split_heads(self.to_v(context), self.heads)
+        return self.to_out[0](merge_heads(attention(q, k, v, mode, chunk_size=chunk_size)))
 
 
 class KAttentionBlock(nn.Module):
@@ -259,11 +245,7 @@ class UpsamplerUNet(nn.Module):
         return self.conv_in.weight.device
 
     def _as(self, t, name: str) -> torch.Tensor:
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"{name} must be a torch tensor; got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise InputError(f"{name} must be a floating-point tensor; got {t.dtype}")
-        return t.to(device=self.device, dtype=self.dtype)
+        return common.as_float_input(t, name, self.dtype, self.device)
 
     def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, *,
                 attention: str | None = None) -> torch.Tensor:
@@ -284,22 +266,15 @@ class UpsamplerUNet(nn.Module):
         if h % factor or w % factor or min(h, w) // factor < 2:
             raise InputError(f"sample height and width must be multiples of {factor} and at least {2 * factor}; "
                              f"got {h}x{w}")
-        t = timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep, dtype=torch.float32)
-        t = t.to(device=self.device, dtype=torch.float32)
-        if t.ndim == 0:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise InputError(f"timestep must be a scalar or ({b},); got {tuple(t.shape)}")
+        t = common.per_item(timestep, b, "timestep", self.device, float32=True)
         context = self._as(encoder_hidden_states, "encoder_hidden_states")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != p.cross_attention_dim:
-            raise InputError(f"encoder_hidden_states must be ({b}, L, {p.cross_attention_dim}); "
-                             f"got {tuple(context.shape)}")
+        context = common.check_tokens(context, b, p.cross_attention_dim, "encoder_hidden_states")
         cond = None
         if timestep_cond is not None:
             cond = self._as(timestep_cond, "timestep_cond")
             if cond.shape != (b, p.cond_dim):
                 raise InputError(f"timestep_cond must be ({b}, {p.cond_dim}); got {tuple(cond.shape)}")
-        mode = resolve_attention(self.attention if attention is None else attention, self.device)
+        mode = common.resolve_attention(self.attention if attention is None else attention, self.device)
 
         emb = self.time_embedding(self.time_proj(t).to(self.dtype), cond)
         x = self.conv_in(x)
@@ -321,13 +296,7 @@ class UpsamplerUNet(nn.Module):
 def load_upsampler_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
                         attention: str = "auto", chunk_size: int = 1024) -> UpsamplerUNet:
     """Build the K-UNet described by ``folder/config.json`` and load its weights strictly."""
-    check_dtype(dtype)
-    check_attention(attention)
-    check_positive_int(chunk_size, "chunk_size")
+    check_load_options(dtype, attention, chunk_size)
     config = UpsamplerUNetConfig.from_folder(folder)
-    with torch.device("meta"):
-        model = UpsamplerUNet(config)
-    load_weights(model, load_state(folder), str(folder), dtype=torch_dtype(dtype), device=device)
-    model.attention = attention
-    model.chunk_size = chunk_size
-    return model
+    return common.load_model(lambda: UpsamplerUNet(config), load_state(folder), str(folder), dtype=dtype,
+                             device=device, attention=attention, chunk_size=chunk_size)

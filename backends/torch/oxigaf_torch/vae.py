@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from oxigaf.checkpoints import load_state, rename
-from oxigaf.config import VAEConfig, check_attention, check_dtype, check_positive_int
+from oxigaf.config import VAEConfig, check_load_options
 from oxigaf.errors import ConfigError, InputError, ModelLoadError
 
-from .common import GroupNorm32, attention, load_weights, resolve_attention, torch_dtype
+from . import common
+from .common import GroupNorm32, ResnetSkeleton, Upsample, attention
 
 EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -39,7 +40,7 @@ _ATTENTION_PREFIXES = ("encoder.mid_block.attentions.", "decoder.mid_block.atten
 # --------------------------------------------------------------------------- blocks
 
 
-class ResnetBlock2D(nn.Module):
+class ResnetBlock2D(ResnetSkeleton):
     """norm → SiLU → conv → norm → SiLU → conv, plus the input (1×1 conv when widths differ)."""
 
     def __init__(self, cin: int, cout: int, groups: int):
@@ -49,12 +50,7 @@ class ResnetBlock2D(nn.Module):
         self.norm2 = GroupNorm32(groups, cout, eps=EPS)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        self.act = F.silu  # a function, not a module: the module tree stays the checkpoint's
 
 
 class AttentionBlock(nn.Module):
@@ -98,15 +94,6 @@ class Downsample(nn.Module):
     def forward(self, x):
         # Pad right and bottom only: the reference's asymmetric "same" for stride 2.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class DownEncoderBlock(nn.Module):
@@ -263,7 +250,7 @@ class VAE(nn.Module):
         return self.decoder.conv_in.weight.device
 
     def _mode(self) -> str:
-        return resolve_attention(self.attention, self.device)
+        return common.resolve_attention(self.attention, self.device)
 
     def _input(self, x, channels: int, what: str) -> torch.Tensor:
         x = torch.as_tensor(x)
@@ -344,25 +331,6 @@ class VAE(nn.Module):
 # --------------------------------------------------------------------------- loading
 
 
-def check_vae_config(cfg: VAEConfig) -> None:
-    """Refuse configs this implementation does not build (rather than build something else)."""
-    where = cfg.source or "VAE config"
-    n = len(cfg.block_out_channels)
-    if n < 1:
-        raise ModelLoadError(f"{where}: block_out_channels is empty")
-    bad = [t for t in cfg.down_block_types if t != "DownEncoderBlock2D"]
-    bad += [t for t in cfg.up_block_types if t != "UpDecoderBlock2D"]
-    if bad:
-        raise ModelLoadError(f"{where}: unsupported VAE block types {sorted(set(bad))} "
-                             "(only DownEncoderBlock2D / UpDecoderBlock2D)")
-    if len(cfg.down_block_types) != n or len(cfg.up_block_types) != n:
-        raise ModelLoadError(f"{where}: down/up_block_types must have one entry per block_out_channels ({n})")
-    if cfg.act_fn not in ("silu", "swish"):
-        raise ModelLoadError(f"{where}: unsupported act_fn {cfg.act_fn!r} (only silu)")
-    if any(c % cfg.norm_num_groups for c in cfg.block_out_channels):
-        raise ModelLoadError(f"{where}: block_out_channels must be divisible by norm_num_groups")
-
-
 def read_vae_state(folder) -> dict[str, np.ndarray]:
     """The VAE's tensors with legacy (diffusers < 0.14) mid-block attention names mapped to today's."""
     state = load_state(folder)
@@ -384,17 +352,12 @@ def load_vae(folder: str | os.PathLike, *, dtype: str = "float32", device: str |
     ``tile_size`` / ``tile_overlap``: default decode tiling in pixels (see ``VAE``); 0 = never.
     ``attention`` / ``chunk_size``: mode of the mid-block attention (auto | sdpa | chunked | naive).
     """
-    check_dtype(dtype)
-    check_attention(attention)
-    check_positive_int(chunk_size, "chunk_size")
+    check_load_options(dtype, attention, chunk_size)
     config = VAEConfig.from_folder(folder)
-    check_vae_config(config)
+    config.check_geometry()
     tile_size, tile_overlap = _tile_plan(tile_size, tile_overlap, 2 ** (len(config.block_out_channels) - 1))
-    with torch.device("meta"):
-        model = VAE(config)
-    load_weights(model, read_vae_state(folder), str(folder), dtype=torch_dtype(dtype), device=device)
-    model.attention = attention
-    model.chunk_size = chunk_size
+    model = common.load_model(lambda: VAE(config), read_vae_state(folder), str(folder), dtype=dtype,
+                              device=device, attention=attention, chunk_size=chunk_size)
     model.tile_size = tile_size
     model.tile_overlap = tile_overlap
     return model

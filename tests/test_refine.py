@@ -1,0 +1,275 @@
+"""Refinement (SDEdit of rendered views), normal-map conditioning and score distillation against the
+reference ImageDream code (tests/fixtures/refine), on every backend and across them."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from oxigaf import CameraParams
+from oxigaf.errors import ConfigError, InputError, ModelLoadError
+from oxigaf.pipeline import Conditioning, Pipeline
+
+from conftest import BACKENDS, FIXTURES, rel_l2
+
+REFINE = FIXTURES / "refine"
+MODEL = FIXTURES / "imagedream_e2e" / "model"
+CASES = json.loads((REFINE / "cases.json").read_text())
+EXPECTED = load_file(REFINE / "expected.safetensors")
+RENDERS, NOISE, NORMALS, PHOTO = EXPECTED["renders"], EXPECTED["noise"], EXPECTED["normals"], EXPECTED["photo"]
+
+
+def cams(case: dict) -> list[CameraParams]:
+    return [CameraParams(a, case["elevation"]) for a in case["azimuths"]]
+
+
+def refine_case(pipe, name: str, image=None, **kw):
+    c = CASES[name]
+    return pipe.refine(RENDERS, PHOTO if image is None else image, cams(c), strength=c["strength"],
+                       num_inference_steps=c["num_inference_steps"], guidance_scale=c["guidance_scale"],
+                       prompt=c["prompt"], noise=NOISE, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def normals_model(tmp_path_factory):
+    """The 8-channel UNet of case c with the other components of the e2e model."""
+    root = tmp_path_factory.mktemp("model_normals")
+    for entry in MODEL.iterdir():
+        if entry.name != "unet":
+            os.symlink(entry, root / entry.name)
+    os.symlink(REFINE / "model_normals" / "unet", root / "unet")
+    return root
+
+
+def compute(backend: str, normals_model) -> dict:
+    """Every reference case on one backend (each pipeline built once)."""
+    pipe = Pipeline.from_pretrained(MODEL, backend=backend)
+    cond_b = pipe.condition(PHOTO, prompt=CASES["b"]["prompt"])
+    sds = CASES["sds"]
+    normal_pipe = Pipeline.from_pretrained(normals_model, backend=backend)
+    return {
+        "pipe": pipe,
+        "normal_pipe": normal_pipe,
+        "a": refine_case(pipe, "a"),
+        "b": refine_case(pipe, "b", image=cond_b),
+        "sds": pipe.score_distillation(pipe.encode(RENDERS), cond_b, cams(sds), sds["timestep"], noise=NOISE,
+                                       guidance_scale=sds["guidance_scale"], prompt=sds["prompt"]),
+        "c": refine_case(normal_pipe, "c", normals=NORMALS),
+    }
+
+
+@pytest.fixture(scope="module")
+def all_results(normals_model):
+    return {b: compute(b, normals_model) for b in BACKENDS}
+
+
+@pytest.fixture(params=BACKENDS)
+def results(request, all_results):
+    return all_results[request.param]
+
+
+@pytest.fixture
+def first(all_results):
+    """Behaviour tests run on the first backend; parity holds on all (tests above)."""
+    return all_results[BACKENDS[0]]
+
+
+# A one-step refinement (strength 0.1 of 10 steps) keeps behaviour tests cheap.
+ONE_STEP = dict(strength=0.1, num_inference_steps=10, noise=NOISE, progress=False)
+
+
+@pytest.mark.parametrize("case", ["a", "b", "c"])
+def test_refined_latents_and_views_equal_reference(results, case):
+    out = results[case]
+    err = rel_l2(out.latents, EXPECTED[f"{case}_latents"])
+    assert err <= 1e-4, err
+    diff = np.abs(out.images - EXPECTED[f"{case}_images"]).max()
+    assert diff <= 2e-3, diff
+    assert len(out.views) == 4 and out.views[0].size == (256, 256)
+
+
+def test_score_distillation_equals_reference(results):
+    err = rel_l2(results["sds"], EXPECTED["sds_grad"])
+    assert err <= 1e-4, err
+
+
+@pytest.mark.skipif(len(BACKENDS) < 2, reason="needs two backends")
+@pytest.mark.parametrize("case", ["a", "c", "sds"])
+def test_backends_agree(all_results, case):
+    # Each backend matches the reference above; here they are compared with each other directly.
+    outs = [all_results[b][case] for b in BACKENDS]
+    outs = [getattr(o, "latents", o) for o in outs]
+    assert rel_l2(outs[1], outs[0]) <= 1e-4
+
+
+@pytest.mark.parametrize("steps", [1, 10, 20, 50, 7])
+@pytest.mark.parametrize("strength", [0.02, 0.1, 0.25, 0.5, 0.6, 0.8, 0.981, 1.0])
+def test_timesteps_follow_diffusers_img2img_rule(first, steps, strength):
+    # diffusers' img2img rule (StableDiffusionImg2ImgPipeline.get_timesteps) on its DDIMScheduler.
+    from diffusers import DDIMScheduler
+
+    ref = DDIMScheduler.from_pretrained(MODEL / "scheduler")
+    ref.set_timesteps(steps)
+    init = min(int(steps * strength), steps)
+    expected = ref.timesteps[max(steps - init, 0):].tolist()
+    assert first["pipe"].scheduler.img2img_timesteps(steps, strength).tolist() == expected
+
+
+def test_refine_runs_the_img2img_timesteps(first):
+    for name in ("a", "b"):
+        c = CASES[name]
+        assert first["pipe"].scheduler.img2img_timesteps(c["num_inference_steps"], c["strength"]).tolist() == \
+            c["timesteps"]
+    seen = []
+    first["pipe"].refine(RENDERS, PHOTO, cams(CASES["a"]), strength=0.3, num_inference_steps=10,
+                         guidance_scale=1.0, noise=NOISE, progress=False, callback=lambda i, t, x: seen.append(t))
+    assert seen == [201, 101, 1]
+
+
+def test_conditioning_object_equals_photo(first):
+    pipe = first["pipe"]
+    via_photo = pipe.refine(RENDERS, PHOTO, cams(CASES["a"]), **ONE_STEP)
+    via_cond = pipe.refine(RENDERS, pipe.condition(PHOTO), cams(CASES["a"]), **ONE_STEP)
+    np.testing.assert_array_equal(via_cond.latents, via_photo.latents)
+    # A Conditioning made with one prompt and used with another takes the new prompt's text.
+    prompted = pipe.refine(RENDERS, PHOTO, cams(CASES["a"]), prompt="a toy", **ONE_STEP)
+    other = pipe.refine(RENDERS, pipe.condition(PHOTO, prompt="something else"), cams(CASES["a"]),
+                        prompt="a toy", **ONE_STEP)
+    np.testing.assert_array_equal(other.latents, prompted.latents)
+    assert rel_l2(prompted.latents, via_photo.latents) > 1e-4
+
+
+def test_tiny_strength_is_close_to_a_vae_round_trip(first):
+    pipe = first["pipe"]
+    out = pipe.refine(RENDERS, PHOTO, cams(CASES["a"]), strength=0.02, num_inference_steps=50, noise=NOISE,
+                      progress=False)
+    round_trip = pipe.decode(pipe.encode(RENDERS))
+    close = np.abs(out.images - round_trip).mean()
+    far = np.abs(EXPECTED["a_images"] - round_trip).mean()
+    assert close < 0.1 * far, (close, far)
+
+
+def test_encode_keeps_float_views_and_resizes(first):
+    pipe = first["pipe"]
+    z = pipe.encode(RENDERS)
+    assert z.shape == (4, 4, 32, 32) and z.dtype == np.float32
+    # Floats are not rounded to 8 bits: the rounded views encode to something else.
+    rounded = pipe.encode(np.round(RENDERS * 255).astype(np.uint8))
+    assert 0 < rel_l2(rounded, z) < 0.05
+    # A list of arrays and one (V, H, W, 3) array are the same input.
+    np.testing.assert_allclose(pipe.encode(list(RENDERS)), z, rtol=0, atol=1e-6)
+    # A square view of another size is resized to the native size first.
+    big = np.repeat(np.repeat(RENDERS[:1], 2, axis=1), 2, axis=2)
+    assert rel_l2(pipe.encode(big), z[:1]) < 0.05
+
+
+def test_normals_reach_the_model(first):
+    # Flat maps instead of case c's change the refined latents.
+    pipe = first["normal_pipe"]
+    a = pipe.refine(RENDERS, PHOTO, cams(CASES["c"]), normals=NORMALS, **ONE_STEP)
+    b = pipe.refine(RENDERS, PHOTO, cams(CASES["c"]), normals=np.full_like(NORMALS, 0.5), **ONE_STEP)
+    assert rel_l2(a.latents, b.latents) > 1e-3
+
+
+def test_a_gaf_loop_allocates_nothing_that_grows(first):
+    import tracemalloc
+
+    pipe = first["pipe"]
+    cond = pipe.condition(PHOTO)
+    kw = dict(ONE_STEP, guidance_scale=1.0)
+    pipe.refine(RENDERS, cond, cams(CASES["a"]), **kw)
+    tracemalloc.start()
+    pipe.refine(RENDERS, cond, cams(CASES["a"]), **kw)
+    first_size = tracemalloc.get_traced_memory()[0]
+    for _ in range(3):
+        pipe.refine(RENDERS, cond, cams(CASES["a"]), **kw)
+    grown = tracemalloc.get_traced_memory()[0] - first_size
+    tracemalloc.stop()
+    assert grown < 1 << 20, grown
+
+
+BAD_REFINE = [
+    (dict(strength=0.0), ConfigError, "strength"),
+    (dict(strength=1.5), ConfigError, "strength"),
+    (dict(strength=float("nan")), ConfigError, "strength"),
+    (dict(strength=0.01, num_inference_steps=10), ConfigError, "strength"),
+    (dict(cameras=[0.0, 90.0]), InputError, "2 cameras"),
+    (dict(views=np.where(np.arange(4)[:, None, None, None] == 2, np.nan, RENDERS)), InputError, "view 2"),
+    (dict(views=RENDERS * 2.0), InputError, "[0, 1]"),
+    (dict(views=RENDERS[:, :, :200]), InputError, "square"),
+    (dict(noise=NOISE[:, :, :16]), InputError, "noise must have shape"),
+    (dict(normals=NORMALS), InputError, "no conditioning maps"),
+]
+
+
+@pytest.mark.parametrize("change, error, words", BAD_REFINE)
+def test_bad_refine_arguments_are_named(first, change, error, words):
+    pipe = first["pipe"]
+    kw = dict(views=RENDERS, image=PHOTO, cameras=cams(CASES["a"]), strength=0.5, num_inference_steps=10,
+              noise=NOISE, progress=False)
+    kw.update(change)
+    with pytest.raises(error) as info:
+        pipe.refine(**kw)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("normals, words", [(None, "pass normals= with 5 normal maps"),
+                                            (NORMALS[:4], "5 normal maps"),
+                                            ([NORMALS[0]] * 6, "got 6")])
+def test_normal_conditioned_model_needs_its_maps(first, normals, words):
+    pipe = first["normal_pipe"]
+    with pytest.raises(InputError) as info:
+        pipe.refine(RENDERS, PHOTO, cams(CASES["c"]), strength=0.5, num_inference_steps=10, noise=NOISE,
+                    normals=normals, progress=False)
+    assert words in str(info.value)
+    with pytest.raises(InputError, match="5 normal maps"):
+        pipe.generate(PHOTO, cameras=cams(CASES["c"]), num_inference_steps=1, progress=False)
+
+
+@pytest.mark.parametrize("timestep", [-1, 1000, 2.5, "500", True])
+def test_score_distillation_timestep_is_checked(first, timestep):
+    pipe = first["pipe"]
+    with pytest.raises(InputError, match="timestep"):
+        pipe.score_distillation(pipe.encode(RENDERS[:1]), PHOTO, [0.0], timestep, noise=NOISE[:1])
+
+
+def test_score_distillation_latents_are_checked(first):
+    pipe = first["pipe"]
+    z = pipe.encode(RENDERS)
+    with pytest.raises(InputError, match="latents must have shape"):
+        pipe.score_distillation(z[:, :, :16], PHOTO, cams(CASES["sds"]), 500)
+    with pytest.raises(InputError, match="NaN"):
+        pipe.score_distillation(z * np.nan, PHOTO, cams(CASES["sds"]), 500)
+    with pytest.raises(InputError, match="4 latents but 2 cameras"):
+        pipe.score_distillation(z, PHOTO, [0.0, 90.0], 500)
+
+
+def test_conditioning_of_another_pipeline_is_refused(first, normals_model):
+    cond = first["pipe"].condition(PHOTO)
+    assert isinstance(cond, Conditioning)
+    with pytest.raises(InputError, match="call condition"):
+        first["normal_pipe"].refine(RENDERS, cond, cams(CASES["c"]), normals=NORMALS, progress=False)
+
+
+def test_preflight_refuses_other_channel_layouts(tmp_path):
+    for entry in MODEL.iterdir():
+        if entry.name != "unet":
+            os.symlink(entry, tmp_path / entry.name)
+    (tmp_path / "unet").mkdir()
+    src = REFINE / "model_normals" / "unet"
+    os.symlink(src / "diffusion_pytorch_model.safetensors", tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["in_channels"] = 6
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="6 -> 4 channels"):
+        Pipeline.from_pretrained(tmp_path, backend=BACKENDS[0])
+
+
+def test_generate_with_normals_uses_them(first):
+    pipe = first["normal_pipe"]
+    kw = dict(cameras=cams(CASES["c"]), num_inference_steps=1, guidance_scale=1.0, progress=False)
+    a = pipe.generate(PHOTO, normals=NORMALS, **kw)
+    b = pipe.generate(PHOTO, normals=NORMALS[::-1].copy(), **kw)
+    assert rel_l2(a.latents, b.latents) > 1e-3
