@@ -231,7 +231,8 @@ def _part_color(part: Part, p_world: np.ndarray, subj: Subject) -> np.ndarray:
     if part.name == "hair":
         # The parting: a stripe along x on the top of the head, on one side.
         p = (p_world - subj.head_center) @ subj.head_rotation
-        stripe = (np.abs(p[..., 1] - subj.parting_y) < 0.022) & (p[..., 2] > 0.0) & (p[..., 0] > -0.6 * subj.head_radii[0])
+        stripe = (np.abs(p[..., 1] - subj.parting_y) < 0.022) & (p[..., 2] > 0.0)
+        stripe &= p[..., 0] > -0.6 * subj.head_radii[0]
         color[stripe] = subj.parting_color
     return color
 
@@ -386,5 +387,39 @@ def model_path(normals: bool = False) -> Path:
     return path
 
 
-__all__ = ["HELD_OUT_SEED", "Part", "Subject", "TRAIN_SEED_RANGE", "make_dataset", "model_path", "project", "render",
+__all__ = ["HELD_OUT_SEED", "Part", "Subject", "TRAIN_SEED_RANGE", "make_dataset", "model_path", "project", "psnr",
+           "render", "ssim",
            "subject", "training_azimuths"]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio in dB of two float images in [0, 1]."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(a, b) -> float:
+    """Mean structural similarity (Wang et al. 2004) of two (H, W, 3) float images in [0, 1]:
+    Gaussian window sigma 1.5 (truncated at 3.5 sigma), K1 0.01, K2 0.03, per channel, averaged;
+    scikit-image's ``structural_similarity(..., gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1, channel_axis=-1)``."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    radius = int(3.5 * 1.5 + 0.5)
+    x = np.arange(-radius, radius + 1)
+    g = np.exp(-(x ** 2) / (2 * 1.5 ** 2))
+    g /= g.sum()
+
+    def blur(img):
+        out = np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 0, img)
+        return np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 1, out)
+
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    saa = blur(a * a) - mu_a ** 2
+    sbb = blur(b * b) - mu_b ** 2
+    sab = blur(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))
+    return float(s.mean())

@@ -119,7 +119,7 @@ def extra_views(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Renders at random azimuths and small elevations (training seeds), for the VAE."""
     rng = np.random.default_rng(seed)
     ims, nms = [], []
-    for k in range(count):
+    for _ in range(count):
         cams = [CameraParams(float(rng.uniform(0, 360)), float(rng.uniform(-10, 15))) for _ in range(2)]
         im, nm = toys.render(int(rng.integers(0, toys.TRAIN_SEED_RANGE[1])), cams, SIZE)
         ims.append(im)
