@@ -403,9 +403,10 @@ def psnr(a, b) -> float:
 
 def ssim(a, b) -> float:
     """Mean structural similarity (Wang et al. 2004) of two (H, W, 3) float images in [0, 1]:
-    Gaussian window sigma 1.5 (truncated at 3.5 sigma), K1 0.01, K2 0.03, per channel, averaged;
-    scikit-image's ``structural_similarity(..., gaussian_weights=True, sigma=1.5,
-    use_sample_covariance=False, data_range=1, channel_axis=-1)``."""
+    Gaussian window sigma 1.5 (truncated at 3.5 sigma, valid region only), K1 0.01, K2 0.03, per
+    channel, averaged. The settings of scikit-image's ``structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=1)``; benchmarks/quality.py uses scikit-image
+    itself where installed."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     radius = int(3.5 * 1.5 + 0.5)
     x = np.arange(-radius, radius + 1)
