@@ -57,10 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("image", nargs="?", default=None, help="input photo (omit for text-only MVDream)")
     _add_generation_args(gen, model_default=DEFAULT_MODEL)
 
-    demo = sub.add_parser("demo", help="run the whole path on a tiny random-weight model (views are noise)")
-    demo.add_argument("image", nargs="?", default=None, help="input photo (default: the bundled example portrait)")
+    demo = sub.add_parser("demo", help="the toy-head model shipped in the package: views of a held-out head "
+                                        "compared with its ground truth")
+    demo.add_argument("image", nargs="?", default=None,
+                      help="input photo (default: the front view of a held-out toy head, with ground truth)")
     _add_generation_args(demo, model_default=None)
-    demo.set_defaults(steps=4, upsample=True)
+    demo.add_argument("--subject", type=int, default=None, help="toy-head seed (default: the first held-out one)")
+    demo.add_argument("--refine", action="store_true",
+                      help="refine blurred, noisy renders with the normal-conditioned toy model instead")
+    demo.add_argument("--strength", type=float, default=0.5, help="refinement strength (with --refine)")
 
     sub.add_parser("info", help="installed backends, devices and versions")
 
@@ -182,6 +187,26 @@ def _batch(args) -> int:
     return summary.exit_code
 
 
+def _demo(args) -> int:
+    from . import toys
+    from .demo import toy_demo, toy_refine_demo
+
+    config = _config(args)
+    out_dir = Path(args.output)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        raise InputError(f"output folder {out_dir} is not empty; pass --overwrite")  # before any work
+    kwargs = dict(subject=args.subject, backend=args.backend, device=args.device, config=config,
+                  overwrite=args.overwrite, progress=not args.quiet)
+    if args.refine:
+        toy_refine_demo(args.output, strength=args.strength, **kwargs)
+        return 0
+    if args.image is not None:
+        return _generate(args, str(toys.model_path()), None)
+    cameras = args.azimuths if args.azimuths else None
+    toy_demo(args.output, cameras=cameras, **kwargs)
+    return 0
+
+
 def _info() -> int:
     from . import __version__, plugins
 
@@ -219,13 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _train(args)
         if args.command == "demo":
-            from .demo import bundled_portrait, tiny_model
-
-            model, upsampler = tiny_model()
-            args.image = args.image or str(bundled_portrait())
-            print("demo: tiny random-weight model — the views are noise; this shows the whole path runs.",
-                  file=sys.stderr)
-            return _generate(args, str(model), str(upsampler))
+            return _demo(args)
         upsampler = None if args.upsampler in (None, "none") else args.upsampler
         return _generate(args, args.model, upsampler)
     except OxigafError as exc:

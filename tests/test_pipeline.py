@@ -197,14 +197,15 @@ def test_cli_generate_and_errors(tmp_path):
     assert nomodel.returncode == 2 and "nope" in nomodel.stderr
 
 
-def test_cli_demo_runs_whole_path_at_512(tmp_path):
-    out = _cli("demo", "-o", str(tmp_path / "demo"), "--backend", BACKENDS[0], "--steps", "2", "--quiet",
-               env={"OXIGAF_CACHE": str(tmp_path / "cache")})
+def test_cli_demo_toy_model_with_ground_truth(tmp_path):
+    out = _cli("demo", "-o", str(tmp_path / "demo"), "--backend", BACKENDS[0], "--steps", "2", "--quiet")
     assert out.returncode == 0, out.stderr
     from PIL import Image
 
-    assert Image.open(tmp_path / "demo" / "view_00.png").size == (512, 512)
-    assert "noise" in out.stderr
+    assert Image.open(tmp_path / "demo" / "view_00.png").size == (64, 64)
+    # one column per view plus the input, generated above ground truth (x4 nearest)
+    assert Image.open(tmp_path / "demo" / "comparison.png").size == ((5 * 64 + 4) * 4, 2 * 64 * 4)
+    assert sum("PSNR" in line and "SSIM" in line for line in out.stdout.splitlines()) == 5
 
 
 def test_cli_info():

@@ -1,0 +1,182 @@
+"""Novel-view quality of the shipped toy model on held-out toy heads, against baselines.
+
+    python benchmarks/quality.py --subjects 8 --seed 2000000 [--json PATH] [--sweep] [--backends torch,mlx]
+
+For each held-out subject (seeds ``S .. S+N-1``, outside ``toys.TRAIN_SEED_RANGE``) the front
+view is the input; the model generates the trained azimuths (90, 180, 270; 0 is the input's own
+view and is reported apart) and unseen ones (45, 135, 225), at the library's default settings
+(``DiffusionConfig()``: 50 DDIM steps, guidance 5). PSNR and SSIM against ``toys.render``'s
+ground truth. Baselines: the input copied to every view; the leave-one-out mean of the other
+held-out subjects' ground truth at that camera; the same architecture with random weights.
+``--sweep`` adds steps 10/25/50, guidance 1/3/5 and the upsampler (none, bilinear) on the first
+backend. Torch and MLX run side by side, with their largest per-pixel difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "backends" / "torch", ROOT / "backends" / "mlx"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from PIL import Image  # noqa: E402
+
+from oxigaf import DiffusionConfig, Pipeline, toys  # noqa: E402
+from oxigaf.cameras import CameraParams  # noqa: E402
+from oxigaf.images import to_uint8  # noqa: E402
+
+TRAINED = (90.0, 180.0, 270.0)
+UNSEEN = (45.0, 135.0, 225.0)
+
+
+def ssim(a, b) -> float:
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError:  # the same definition in numpy
+        return toys.ssim(a, b)
+    return float(structural_similarity(a, b, channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False))
+
+
+def metrics(pred: np.ndarray, truth: np.ndarray) -> dict:
+    return {"psnr": [toys.psnr(p, t) for p, t in zip(pred, truth, strict=True)],
+            "ssim": [ssim(p, t) for p, t in zip(pred, truth, strict=True)]}
+
+
+def random_model(model: Path, seed: int = 0) -> Path:
+    """A copy of the toy model whose UNet has random weights (same architecture, same recipe as the demo's)."""
+    from safetensors.numpy import load_file, save_file
+
+    from oxigaf.synthetic import random_weights
+
+    dst = Path(tempfile.mkdtemp(prefix="oxigaf-random-")) / "model"
+    shutil.copytree(model, dst)
+    f = dst / "unet" / "diffusion_pytorch_model.safetensors"
+    shapes = {k: list(v.shape) for k, v in load_file(str(f)).items()}
+    save_file(random_weights(shapes, seed), str(f))
+    return dst
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for key in ("psnr", "ssim"):
+        vals = np.array([r[key] for r in rows])  # (subjects, views)
+        out[key] = float(vals.mean())
+        out[f"{key}_per_view"] = vals.mean(0).round(4).tolist()
+    return out
+
+
+def run(args) -> dict:
+    seeds = list(range(args.seed, args.seed + args.subjects))
+    lo, hi = toys.TRAIN_SEED_RANGE
+    if any(lo <= s < hi for s in seeds):
+        raise SystemExit(f"--seed {args.seed}: seeds {lo}..{hi - 1} are the training subjects; pick held-out ones")
+    size = 64
+    groups = {"trained": [CameraParams(a) for a in TRAINED], "unseen": [CameraParams(a) for a in UNSEEN]}
+    truth = {g: {s: toys.render(s, [CameraParams(0.0)] + cams, size)[0] for s in seeds}
+             for g, cams in groups.items()}
+    fronts = {s: truth["trained"][s][0] for s in seeds}
+    report: dict = {"subjects": seeds, "settings": "DiffusionConfig() defaults (50 steps, guidance 5)",
+                    "results": {}}
+
+    for g, cams in groups.items():
+        base_copy, base_mean = [], []
+        for s in seeds:
+            gt = truth[g][s][1:]
+            base_copy.append(metrics(np.repeat(fronts[s][None], len(cams), 0), gt))
+            others = np.mean([truth[g][o][1:] for o in seeds if o != s], axis=0)
+            base_mean.append(metrics(others, gt))
+        report["results"][f"{g}/copy input"] = summarise(base_copy)
+        report["results"][f"{g}/leave-one-out mean"] = summarise(base_mean)
+
+    def evaluate(label, pipe, config_kw=None, keep=None):
+        for g, cams in groups.items():
+            rows = []
+            for s in seeds:
+                photo = Image.fromarray(to_uint8(fronts[s]))
+                out = pipe.generate(photo, cameras=cams, progress=False, **(config_kw or {}))
+                rows.append(metrics(out.images if out.images.shape[1] == size else _down(out.images, size),
+                                    truth[g][s][1:]))
+                if keep is not None:
+                    keep[(g, s)] = out.images
+            report["results"][f"{g}/{label}"] = summarise(rows)
+            print(f"{g:8s} {label:32s} PSNR {report['results'][f'{g}/{label}']['psnr']:.2f} dB "
+                  f"SSIM {report['results'][f'{g}/{label}']['ssim']:.3f}", flush=True)
+
+    model = toys.model_path()
+    views = {}
+    backends = [b for b in args.backends.split(",") if b]
+    for b in backends:
+        t0 = time.time()
+        pipe = Pipeline.from_pretrained(model, backend=b, config=DiffusionConfig())
+        views[b] = {}
+        evaluate(f"toy model ({b})", pipe, keep=views[b])
+        report["results"][f"seconds/{b}"] = time.time() - t0
+    if len(backends) == 2:
+        a, c = backends
+        report["max_abs_diff_torch_mlx"] = float(max(np.abs(views[a][k] - views[c][k]).max() for k in views[a]))
+        print(f"largest per-pixel difference {a} vs {c}: {report['max_abs_diff_torch_mlx']:.4f}")
+    rnd = random_model(model)
+    evaluate("random weights", Pipeline.from_pretrained(rnd, backend=backends[0]))
+    shutil.rmtree(rnd.parent, ignore_errors=True)
+    if args.sweep:
+        pipe = Pipeline.from_pretrained(model, backend=backends[0])
+        for steps in (10, 25):
+            evaluate(f"steps {steps}", pipe, {"num_inference_steps": steps})
+        for guidance in (1.0, 3.0):
+            evaluate(f"guidance {guidance:g}", pipe, {"guidance_scale": guidance})
+        up = Pipeline.from_pretrained(model, backend=backends[0], upsampler="bilinear")
+        evaluate("bilinear upsampler (128 px, compared at 64)", up)
+    best = max(report["results"][f"trained/{k}"]["psnr"] for k in ("copy input", "leave-one-out mean"))
+    for b in backends:
+        gain = report["results"][f"trained/toy model ({b})"]["psnr"] - best
+        report[f"gain_over_best_baseline_db/{b}"] = gain
+        print(f"{b}: toy model vs best baseline at trained azimuths: {gain:+.2f} dB")
+    return report
+
+
+def _down(images: np.ndarray, size: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.fromarray(to_uint8(v)).resize((size, size), Image.BILINEAR), np.float32) / 255
+                     for v in images])
+
+
+def print_table(report: dict) -> None:
+    print("\n| cameras | method | PSNR (dB) | SSIM |\n|---|---|---|---|")
+    for key, r in report["results"].items():
+        if isinstance(r, dict):
+            g, label = key.split("/", 1)
+            print(f"| {g} | {label} | {r['psnr']:.2f} | {r['ssim']:.3f} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=toys.HELD_OUT_SEED + 1000)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--backends", default="torch,mlx")
+    ap.add_argument("--sweep", action="store_true", help="steps, guidance and upsampler on the first backend")
+    args = ap.parse_args(argv)
+    if args.subjects < 2:
+        raise SystemExit("--subjects must be >= 2 (the leave-one-out baseline needs others)")
+    report = run(args)
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
