@@ -148,13 +148,16 @@ def test_conditioning_object_equals_photo(first):
 
 
 def test_tiny_strength_is_close_to_a_vae_round_trip(first):
+    # One step from t = 1: the views stay near encode/decode of the renders, far nearer than after case
+    # a's six steps from t = 501 (measured with these random weights: latents 0.46 vs 18.2 rel L2,
+    # images 0.084 vs 0.248 mean abs).
     pipe = first["pipe"]
     out = pipe.refine(RENDERS, PHOTO, cams(CASES["a"]), strength=0.02, num_inference_steps=50, noise=NOISE,
                       progress=False)
-    round_trip = pipe.decode(pipe.encode(RENDERS))
-    close = np.abs(out.images - round_trip).mean()
-    far = np.abs(EXPECTED["a_images"] - round_trip).mean()
-    assert close < 0.1 * far, (close, far)
+    z = pipe.encode(RENDERS)
+    assert rel_l2(out.latents, z) < 0.1 * rel_l2(EXPECTED["a_latents"], z)
+    round_trip = pipe.decode(z)
+    assert np.abs(out.images - round_trip).mean() < 0.5 * np.abs(EXPECTED["a_images"] - round_trip).mean()
 
 
 def test_encode_keeps_float_views_and_resizes(first):

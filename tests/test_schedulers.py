@@ -111,8 +111,10 @@ def test_ddim_tables_match_diffusers(name):
     ours, ref = DDIMScheduler(**kw), RefDDIM(**kw)
     betas, ac = ref.betas.double().numpy(), ref.alphas_cumprod.double().numpy()
     assert ours.betas.dtype == np.float64 and ours.alphas_cumprod.dtype == np.float64
-    # torch's linspace/sqrt kernels round an entry here and there differently: one float32 ulp.
-    np.testing.assert_allclose(ours.alphas_cumprod, ac, rtol=0, atol=3e-7)
+    # torch's linspace/sqrt kernels round an entry here and there differently: one float32 ulp. The
+    # zero-SNR rescale divides neighbouring ᾱ, which amplifies a 1-ulp sqrt difference (torch's vector
+    # sqrt on an AMD EPYC): 3.6e-7 measured there.
+    np.testing.assert_allclose(ours.alphas_cumprod, ac, rtol=0, atol=5e-7 if "zero_snr" in name else 3e-7)
     np.testing.assert_allclose(ours.betas, betas, rtol=0, atol=4e-6 if "zero_snr" in name else 3e-9)
     # the values kept are float32 values
     assert np.array_equal(ours.alphas_cumprod, ours.alphas_cumprod.astype(np.float32).astype(np.float64))
@@ -463,12 +465,16 @@ def test_euler_zero_snr_matches_diffusers(spacing):
     for n in (30, 7):
         ref.set_timesteps(n)
         ours.set_timesteps(n)
-        np.testing.assert_allclose(ours.sigmas, ref.sigmas.double().numpy(), rtol=5e-7)
+        # 1-ulp sqrt differences amplified by the rescale (see test_ddim_tables_match_diffusers): 8.7e-7
+        # measured on an AMD EPYC.
+        np.testing.assert_allclose(ours.sigmas, ref.sigmas.double().numpy(), rtol=1.5e-6)
         x_ref, x = torch.from_numpy(X_INIT) * ref.init_noise_sigma, X_INIT * ours.init_noise_sigma
         for i, t in enumerate(ref.timesteps):
             x_ref = ref.step(torch.tanh(0.9 * ref.scale_model_input(x_ref, t)), t, x_ref).prev_sample
             x = ours.step(np.tanh(0.9 * ours.scale_model_input(x, i)), i, x)
-        assert rel_l2(x, x_ref.numpy()) <= TOL
+        # σ_max ≈ 4096 amplifies those sqrt differences along the trajectory (4.5e-5 measured on an AMD
+        # EPYC): held to the project's parity bound rather than TOL.
+        assert rel_l2(x, x_ref.numpy()) <= 1e-4
 
 
 def test_euler_trailing_drops_diffusers_spurious_last_timestep():
