@@ -474,7 +474,16 @@ class Pipeline:
             kw["ip_img"] = b.concat(([ref[0] * 0.0] * len(ref) if cfg_on else []) + ref)
         cam = np.concatenate([camera_vectors(cams), np.zeros((frames - len(cams), 16), np.float32)])
         kw["camera"] = b.asarray(np.tile(cam, ((2 if cfg_on else 1) * len(conds), 1)))
-        return kw
+        return self._prepared(kw)
+
+    def _prepared(self, kw: dict) -> dict:
+        """``kw`` with its step-invariant part (context, camera, image prompt) done once by the
+        UNet's ``prepare`` where the backend's UNet has one: the same numbers, fewer per step."""
+        prepare = getattr(self._model("unet"), "prepare", None)
+        if prepare is None:
+            return kw
+        rest = {k: v for k, v in kw.items() if k not in ("context", "camera", "ip")}
+        return {**rest, "cache": prepare(kw["context"], kw.get("camera"), kw["num_frames"], kw.get("ip"))}
 
     def _guided_eps(self, x, t: int, inputs: dict, guidance: float, map_latents=None, attention=None):
         """The model's guided output at timestep ``t`` for latents x (items·frames, 4, h, w).
