@@ -164,10 +164,13 @@ class Pipeline:
         device: str | None = None,
         upsampler=None,
         config: DiffusionConfig | None = None,
+        compile: bool | None = None,
     ):
         self.config = config or DiffusionConfig()
         if dtype is not None:
             self.config = self.config.replace(dtype=dtype)
+        if compile is not None:
+            self.config = self.config.replace(compile=compile)
         self.backend = backend if not isinstance(backend, str) else get_backend(backend, device, self.config.dtype)
         self.model_path = resolve_model(model)
         _check_upsampler_kind(upsampler)
@@ -261,7 +264,9 @@ class Pipeline:
             folder = self.model_path / name
             b, cfg = self.backend, self.config
             if name == "unet":
-                m = b.load_unet(folder, attention=cfg.attention_mode, chunk_size=cfg.attention_chunk_size)
+                # only asked of a backend when wanted: a third-party loader need not know the option
+                extra = {"compile": True} if cfg.compile else {}
+                m = b.load_unet(folder, attention=cfg.attention_mode, chunk_size=cfg.attention_chunk_size, **extra)
             elif name == "vae":
                 m = b.load_vae(folder, dtype=cfg.vae_dtype)
             elif name == "text_encoder":

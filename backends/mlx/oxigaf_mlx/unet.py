@@ -286,6 +286,10 @@ class MultiViewUNet(nn.Module):
         self.camera_dim = c.camera_dim
         self.ip_dim = c.ip_dim
         self.ip_weight = c.ip_weight
+        # compile(): mx.compile the blocks, one graph per call key (a plain attribute: a dict set
+        # on an mlx Module would join its parameter tree)
+        self.compiled = False
+        object.__setattr__(self, "_compiled_bodies", {})
         emb_dim = c.model_channels * 4
 
         if c.ip_dim > 0:
@@ -396,6 +400,24 @@ class MultiViewUNet(nn.Module):
             x = self._place_reference(x, self._as(ip_img, "ip_img"), num_frames)
         context = cache.context
 
+        if not self.compiled or call.mode == "chunked":  # chunked evaluates as it goes: not traceable
+            return self._body(x, emb, context, num_frames, call).astype(out_dtype)
+        key = (num_frames, call.mode, call.chunk_size, call.ip_weight, call.kv is not None)
+        if key not in self._compiled_bodies:
+            order = [id(m.attn2) for m in self.modules() if isinstance(m, BasicTransformerBlock3D)]
+
+            def body(x, emb, context, kv):
+                c = _Call(key[1], key[2], key[3], dict(zip(order, kv, strict=True)) if key[4] else None)
+                return self._body(x, emb, context, key[0], c)
+
+            # the weights are inputs of the compiled graph, so it follows them if they change
+            self._compiled_bodies[key] = (order, mx.compile(body, inputs=self.state))
+        order, body = self._compiled_bodies[key]
+        kv = [call.kv[i] for i in order] if call.kv is not None else []
+        return body(x, emb, context, kv).astype(out_dtype)
+
+    def _body(self, x, emb, context, num_frames: int, call: _Call) -> mx.array:
+        """The blocks, NCHW in and out: what ``compile`` hands to ``mx.compile``."""
         hs = []
         hcur = common.nchw_to_nhwc(x)
         for block in self.input_blocks:
@@ -405,7 +427,13 @@ class MultiViewUNet(nn.Module):
         for block in self.output_blocks:
             hcur = _run_block(block, mx.concatenate([hcur, hs.pop()], axis=-1), emb, context, num_frames, call)
         out = self.out[2](nn.silu(norm32(self.out[0], hcur)))
-        return common.nhwc_to_nchw(out).astype(out_dtype)
+        return common.nhwc_to_nchw(out)
+
+    def compile(self) -> MultiViewUNet:
+        """Run the blocks of every call through ``mx.compile`` (one graph per shape and setting;
+        the chunked attention mode stays eager). Returns the model."""
+        self.compiled = True
+        return self
 
     def prepare(self, context, camera=None, num_frames: int = 1, ip=None) -> UNetCache:
         """The step-invariant work of a call with these conditioning inputs (same shapes and rules
@@ -491,14 +519,15 @@ def _mlp(layers: list, x: mx.array) -> mx.array:
 
 
 def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", attention: str = "auto",
-              chunk_size: int = 1024) -> MultiViewUNet:
+              chunk_size: int = 1024, compile: bool = False) -> MultiViewUNet:
     """Build the UNet described by ``folder/config.json`` and load its weights strictly.
 
     ``dtype`` is the compute dtype (float32, float16 or bfloat16; files may hold any of them);
     ``attention`` the default mode (auto | sdpa | chunked | naive), ``chunk_size`` the query
-    block of the chunked mode.
+    block of the chunked mode; ``compile``: ``model.compile()`` (mx.compile of every call's blocks).
     """
     check_load_options(dtype, attention, chunk_size)
     config = UNetConfig.from_folder(folder)
-    return common.load_model(lambda: MultiViewUNet(config), load_state(folder), str(folder), dtype=dtype,
-                             attention=attention, chunk_size=chunk_size)
+    model = common.load_model(lambda: MultiViewUNet(config), load_state(folder), str(folder), dtype=dtype,
+                              attention=attention, chunk_size=chunk_size)
+    return model.compile() if compile else model

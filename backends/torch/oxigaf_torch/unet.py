@@ -389,6 +389,8 @@ class MultiViewUNet(nn.Module):
         self.ip_weight = c.ip_weight
         # activation layout; load_unet converts the convolution weights to match
         self.channels_last = False
+        # set by compile(): the compiled blocks of inference calls
+        self.compiled_body = None
 
         emb_dim = c.model_channels * 4
         if c.ip_dim > 0:
@@ -509,6 +511,11 @@ class MultiViewUNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
 
+        body = self._body if self.compiled_body is None or torch.is_grad_enabled() else self.compiled_body
+        return body(x, emb, context, num_frames, call).to(out_dtype).contiguous()
+
+    def _body(self, x, emb, context, num_frames: int, call: _Call) -> torch.Tensor:
+        """The blocks: the part of a call that ``compile`` hands to ``torch.compile``."""
         hs = []
         hcur = x
         for block in self.input_blocks:
@@ -517,8 +524,16 @@ class MultiViewUNet(nn.Module):
         hcur = self.middle_block(hcur, emb, context, num_frames, call)
         for block in self.output_blocks:
             hcur = block(torch.cat([hcur, hs.pop()], dim=1), emb, context, num_frames, call)
-        out = self.out[2](norm_act(self.out[0], hcur, True, call, reuse=True))
-        return out.to(out_dtype).contiguous()
+        return self.out[2](norm_act(self.out[0], hcur, True, call, reuse=True))
+
+    def compile(self, mode: str | None = None) -> MultiViewUNet:
+        """Run the blocks of inference calls through ``torch.compile`` (shapes static; recompiled
+        when they change). ``mode`` None: "reduce-overhead" (CUDA graphs) on CUDA, the default
+        elsewhere. Calls with autograd on stay eager. Returns the model."""
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.compiled_body = torch.compile(self._body, mode=mode, dynamic=False)
+        return self
 
     def prepare(self, context, camera=None, num_frames: int = 1, ip=None) -> UNetCache:
         """The step-invariant work of a call with these conditioning inputs (same shapes and rules
@@ -591,7 +606,8 @@ def _same_in_groups(t: torch.Tensor, num_frames: int) -> bool:
 
 
 def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
-              attention: str = "auto", chunk_size: int = 1024, channels_last: bool | None = None) -> MultiViewUNet:
+              attention: str = "auto", chunk_size: int = 1024, channels_last: bool | None = None,
+              compile: bool = False) -> MultiViewUNet:
     """Build the UNet described by ``folder/config.json`` and load its weights strictly.
 
     ``dtype`` is the compute dtype (float32, float16 or bfloat16; files may hold any of them);
@@ -600,6 +616,7 @@ def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str 
     interface stays NCHW either way). By default it is channels-last in float16 and bfloat16,
     where oneDNN's and cuDNN's convolutions are fastest in it (about 2x on an AMX CPU), and NCHW
     in float32, where oneDNN's blocked NCHW convolutions beat its channels-last ones on the CPU.
+    ``compile``: ``model.compile()`` (torch.compile of the inference step).
     """
     check_load_options(dtype, attention, chunk_size)
     config = UNetConfig.from_folder(folder)
@@ -608,4 +625,4 @@ def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str 
     model.channels_last = dtype != "float32" if channels_last is None else bool(channels_last)
     if model.channels_last:
         model.to(memory_format=torch.channels_last)
-    return model
+    return model.compile() if compile else model
