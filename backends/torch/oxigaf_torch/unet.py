@@ -19,6 +19,7 @@ in it, and the transformers' token layout becomes a free view). benchmarks/ meas
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -511,8 +512,11 @@ class MultiViewUNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
 
-        body = self._body if self.compiled_body is None or torch.is_grad_enabled() else self.compiled_body
-        return body(x, emb, context, num_frames, call).to(out_dtype).contiguous()
+        if self.compiled_body is None or torch.is_grad_enabled():
+            return self._body(x, emb, context, num_frames, call).to(out_dtype).contiguous()
+        # the compiler fuses on its own; the in-place fast path's pointer checks would break its graph
+        call = dataclasses.replace(call, fast=False)
+        return self.compiled_body(x, emb, context, num_frames, call).to(out_dtype).contiguous()
 
     def _body(self, x, emb, context, num_frames: int, call: _Call) -> torch.Tensor:
         """The blocks: the part of a call that ``compile`` hands to ``torch.compile``."""
@@ -532,7 +536,7 @@ class MultiViewUNet(nn.Module):
         elsewhere. Calls with autograd on stay eager. Returns the model."""
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self.compiled_body = torch.compile(self._body, mode=mode, dynamic=False)
+        self.compiled_body = torch.compile(self._body, mode=mode, dynamic=False, fullgraph=True)
         return self
 
     def prepare(self, context, camera=None, num_frames: int = 1, ip=None) -> UNetCache:
