@@ -12,6 +12,19 @@ from conftest import FIXTURES, rel_l2
 FOLDER = FIXTURES / "mvunet" / "imagedream_tiny" / "unet"
 
 
+def test_compile_option_reaches_config_and_cli():
+    from oxigaf import DiffusionConfig
+    from oxigaf.cli import _config, build_parser
+    from oxigaf.errors import ConfigError
+
+    assert DiffusionConfig().compile is False
+    with pytest.raises(ConfigError, match="compile"):
+        DiffusionConfig(compile="yes")
+    args = build_parser().parse_args(["generate", "photo.png", "-o", "out", "--compile"])
+    assert _config(args).compile is True
+    assert _config(build_parser().parse_args(["generate", "photo.png", "-o", "out"])).compile is False
+
+
 # Tracing and compiling the graph took 5 minutes here (2 loaded cores): a slow test.
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="mlx is not installed")
