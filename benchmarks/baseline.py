@@ -33,6 +33,13 @@ SD21_BASE = dict(
 )
 
 
+# The demo model's shape (oxigaf/demo_data/imagedream/unet): the same block pattern at 64 channels,
+# 32-wide heads (diffusers' head counts 2, 2, 2, 4) and a 64-wide context.
+DEMO = {**SD21_BASE, "block_out_channels": (64, 64, 64, 128), "attention_head_dim": [2, 2, 2, 4],
+        "cross_attention_dim": 64}
+CONFIGS = {"imagedream": SD21_BASE, "demo": DEMO}
+
+
 class JoinedFramesProcessor:
     """diffusers' SDPA processor, with self-attention over the tokens of all frames of an item."""
 
@@ -50,12 +57,14 @@ class JoinedFramesProcessor:
         return self.inner(attn, joined, None, attention_mask, temb).reshape(bf, n, c)
 
 
-def build(dtype: torch.dtype, device: torch.device | str, num_frames: int, seed: int = 0):
-    """The SD 2.1-base UNet in ``dtype`` with diffusers' own random init, in eval mode."""
+def build(dtype: torch.dtype, device: torch.device | str, num_frames: int, seed: int = 0,
+          config: str = "imagedream"):
+    """The SD 2.1-base UNet (``config`` "demo": at the demo model's shape) in ``dtype`` with
+    diffusers' own random init, in eval mode."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD21_BASE)
+    unet = UNet2DConditionModel(**CONFIGS[config])
     unet.set_attn_processor(JoinedFramesProcessor(num_frames))
     return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

@@ -125,14 +125,21 @@ def plan(args) -> list[dict]:
                                               "bundled reference BLAS is ~30x slower than torch's"
                         specs.append(spec)
         if "unet_step" in want:
-            spec = {"bench": "unet_step", "backend": backend, "dtype": "float32+bfloat16",
-                    "dtypes": ["float32", "bfloat16"], "rounds": 3 if quick else 5}
-            if backend == "mlx" and not gpu:
-                spec.update(dtypes=["float32"], dtype="float32", rounds=1 if quick else 3)
-                if slow and quick:
-                    spec["skipped"] = "full-size UNet step not run on mlx's CPU backend in --quick (minutes per " \
-                                      "call with its reference BLAS)"
-            specs.append(spec)
+            for model in ("imagedream", "demo"):
+                for compiled in (False, True):
+                    spec = {"bench": "unet_step", "backend": backend, "dtype": "float32+bfloat16",
+                            "dtypes": ["float32", "bfloat16"], "rounds": 3 if quick else 5, "model": model,
+                            "compiled": compiled}
+                    if backend == "mlx" and not gpu:
+                        spec.update(dtypes=["float32"], dtype="float32", rounds=1 if quick else 3)
+                        if slow and quick and model == "imagedream":
+                            spec["skipped"] = "full-size UNet step not run on mlx's CPU backend in --quick " \
+                                              "(minutes per call with its reference BLAS)"
+                    if compiled and backend == "torch" and not gpu:
+                        # measured: inductor had not finished compiling the tiny UNet after 10 minutes
+                        spec["skipped"] = "torch.compile not run on the CPU: compiling takes over 10 minutes " \
+                                          "on 2 cores"
+                    specs.append(spec)
         if "ddim_step" in want:
             specs.append({"bench": "ddim_step", "backend": backend, "dtype": "float32"})
         if "vae_decode" in want:
@@ -299,13 +306,16 @@ def table(results: list[dict]) -> str:
              _fmt_b(r.get("peak_bytes")), note(r)] for r in results if r["bench"] == "attention"]
     section("attention (batch 2, 5 heads, head dim 64)",
             ["backend", "dtype", "seq", "mode", "seconds", "peak memory", "note"], rows)
-    rows = [[r["backend"], r["dtype"], _fmt_s(r.get("seconds")), _fmt_s(r.get("baseline_seconds")),
+    rows = [[r["backend"], r.get("model", "imagedream"), "yes" if r.get("compiled") else "no", r["dtype"],
+             _fmt_s(r.get("seconds")), _fmt_s(r.get("baseline_seconds")),
              _fmt_r(r.get("ratio")), _fmt_s(r.get("baseline_float32_seconds")),
              _fmt_r(r.get("ratio_vs_float32_baseline")),
              "-" if r.get("eps_rel_l2_vs_float32") is None else f"{r['eps_rel_l2_vs_float32']:.2e}", note(r)]
             for r in results if r["bench"] == "unet_step"]
-    section("unet_step (ImageDream, 10 frames = (4 views + reference) x CFG, 32x32 latents)",
-            ["backend", "dtype", "seconds", "baseline (same dtype)", "ratio", "baseline float32", "ratio vs f32",
+    section("unet_step (10 frames = (4 views + reference) x CFG, 32x32 latents, prepared conditioning; model "
+            "imagedream: real shape, demo: the demo model's shape, each against its diffusers stand-in)",
+            ["backend", "model", "compiled", "dtype", "seconds", "baseline (same dtype)", "ratio", "baseline float32",
+             "ratio vs f32",
              "eps rel L2 vs f32", "note"], rows)
     rows = [[r["backend"], _fmt_s(r.get("seconds")), _fmt_s(r.get("baseline_seconds")), _fmt_r(r.get("ratio")),
              note(r)] for r in results if r["bench"] == "ddim_step"]

@@ -46,6 +46,7 @@ def _add_generation_args(p: argparse.ArgumentParser, *, model_default: str | Non
     p.add_argument("--size", type=int, default=None, help="output size: 256, or 512 with an upsampler")
     p.add_argument("--attention", default="auto", choices=ATTENTION_MODES)
     p.add_argument("--low-memory", action="store_true", help="release models as soon as they are no longer needed")
+    p.add_argument("--compile", action="store_true", help="compile the UNet step (torch.compile; slow first steps)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -141,7 +142,7 @@ def _config(args) -> DiffusionConfig:
     views = len(args.azimuths) if args.azimuths else args.views
     return DiffusionConfig(num_views=views, num_inference_steps=args.steps, guidance_scale=args.guidance,
                            dtype=args.dtype, attention=args.attention, elevation=args.elevation, seed=args.seed,
-                           low_memory=args.low_memory)
+                           low_memory=args.low_memory, compile=args.compile)
 
 
 def _generate(args, model: str, upsampler) -> int:

@@ -75,6 +75,8 @@ class DiffusionConfig:
     - ``upsampler_steps``: Euler steps of the sd-x2 latent upsampler when one is used.
     - ``low_memory``: release the encoders after conditioning and the UNet before decoding.
     - ``vae_tile_size``: decode in tiles of this many pixels (0 = never tile).
+    - ``compile``: compile the UNet's step (torch: ``torch.compile``, on CUDA with CUDA graphs,
+      mode "reduce-overhead"). The first steps are slow while it compiles; same numbers to 1e-4.
     """
 
     num_views: int = 4
@@ -93,6 +95,7 @@ class DiffusionConfig:
     upsampler_steps: int = 20
     low_memory: bool = False
     vae_tile_size: int = 0
+    compile: bool = False
 
     def __post_init__(self):
         check_positive_int(self.num_views, "num_views")
@@ -117,6 +120,8 @@ class DiffusionConfig:
         check_positive_int(self.upsampler_steps, "upsampler_steps")
         if not isinstance(self.vae_tile_size, int) or self.vae_tile_size < 0 or self.vae_tile_size % 8:
             raise ConfigError(f"vae_tile_size must be 0 or a positive multiple of 8; got {self.vae_tile_size!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True or False; got {self.compile!r}")
 
     @property
     def attention_mode(self) -> str:

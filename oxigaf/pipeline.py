@@ -165,10 +165,13 @@ class Pipeline:
         upsampler=None,
         config: DiffusionConfig | None = None,
         lora: str | os.PathLike | None = None,
+        compile: bool | None = None,
     ):
         self.config = config or DiffusionConfig()
         if dtype is not None:
             self.config = self.config.replace(dtype=dtype)
+        if compile is not None:
+            self.config = self.config.replace(compile=compile)
         self.backend = backend if not isinstance(backend, str) else get_backend(backend, device, self.config.dtype)
         self.model_path = resolve_model(model)
         _check_upsampler_kind(upsampler)
@@ -269,7 +272,9 @@ class Pipeline:
             folder = self.model_path / name
             b, cfg = self.backend, self.config
             if name == "unet":
-                m = b.load_unet(folder, attention=cfg.attention_mode, chunk_size=cfg.attention_chunk_size)
+                # only asked of a backend when wanted: a third-party loader need not know the option
+                extra = {"compile": True} if cfg.compile else {}
+                m = b.load_unet(folder, attention=cfg.attention_mode, chunk_size=cfg.attention_chunk_size, **extra)
                 if self.lora is not None:
                     m = b.apply_lora(m, self.lora.deltas())
             elif name == "vae":
@@ -483,7 +488,16 @@ class Pipeline:
             kw["ip_img"] = b.concat(([ref[0] * 0.0] * len(ref) if cfg_on else []) + ref)
         cam = np.concatenate([camera_vectors(cams), np.zeros((frames - len(cams), 16), np.float32)])
         kw["camera"] = b.asarray(np.tile(cam, ((2 if cfg_on else 1) * len(conds), 1)))
-        return kw
+        return self._prepared(kw)
+
+    def _prepared(self, kw: dict) -> dict:
+        """``kw`` with its step-invariant part (context, camera, image prompt) done once by the
+        UNet's ``prepare`` where the backend's UNet has one: the same numbers, fewer per step."""
+        prepare = getattr(self._model("unet"), "prepare", None)
+        if prepare is None:
+            return kw
+        rest = {k: v for k, v in kw.items() if k not in ("context", "camera", "ip")}
+        return {**rest, "cache": prepare(kw["context"], kw.get("camera"), kw["num_frames"], kw.get("ip"))}
 
     def _guided_eps(self, x, t: int, inputs: dict, guidance: float, map_latents=None, attention=None):
         """The model's guided output at timestep ``t`` for latents x (items·frames, 4, h, w).

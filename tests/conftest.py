@@ -8,6 +8,15 @@ import pytest
 # Parity needs true float32 matmuls everywhere.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
+# One compute thread per test process (torch's OpenMP pool, OpenBLAS's pthreads), set before
+# either library loads. The test shapes are tiny, so a second thread buys little even on an idle
+# machine, and on a loaded one (this 2-core machine is shared) every operator's thread barrier
+# waits for a descheduled thread: a tiny UNet call took 8.0 s with 2 threads and 0.81 s with 1
+# at load 11. Results are the same to float32 rounding. OXIGAF_TEST_THREADS=N chooses another count.
+_THREADS = os.environ.get("OXIGAF_TEST_THREADS", "1")
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, _THREADS)
+
 # The mlx[cpu] wheel for Linux bundles a reference BLAS, ~30x slower than an optimised one (a
 # 2048² matmul: 4.7 s against 0.16 s here). When Debian's OpenBLAS is installed
 # (libopenblas0-pthread), the test run restarts itself once with it preloaded; results are the same.

@@ -46,6 +46,23 @@ class _Call:
     mode: str
     chunk_size: int
     ip_weight: float
+    # prepared cross-attention keys/values by id() of their attn2 module (``UNetCache.kv``), or None
+    kv: dict | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class UNetCache:
+    """The step-invariant part of a UNet call (``MultiViewUNet.prepare``): the context with its
+    resampled image tokens, every cross-attention's keys and values, the camera embedding.
+
+    Made once per generation, passed as ``unet(x, t, cache=cache, num_frames=F, ip_img=...)``.
+    """
+
+    batch: int  # B·F, the frames the cache was made for
+    num_frames: int
+    context: mx.array
+    camera_emb: mx.array | None
+    kv: dict
 
 
 # --------------------------------------------------------------------------- attention
@@ -69,18 +86,25 @@ class CrossAttention(nn.Module):
             self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
         self.to_out = [nn.Linear(inner, query_dim), nn.Dropout(0.0)]
 
-    def __call__(self, x: mx.array, context: mx.array | None, call: _Call) -> mx.array:
-        context = x if context is None else context
-        q = split_heads(self.to_q(x), self.heads)
+    def context_kv(self, context: mx.array) -> tuple:
+        """Keys and values of ``context`` (text, then image tokens when ``ip_dim`` > 0), split
+        into heads: (k, v) or (k, v, k_ip, v_ip). They depend on nothing that changes per step."""
         if self.ip_dim > 0:
             image = context[:, -self.ip_dim:]
             context = context[:, : context.shape[1] - self.ip_dim]
-        k = split_heads(self.to_k(context), self.heads)
-        v = split_heads(self.to_v(context), self.heads)
-        out = attention(q, k, v, call.mode, chunk_size=call.chunk_size)
+        kv = (split_heads(self.to_k(context), self.heads), split_heads(self.to_v(context), self.heads))
         if self.ip_dim > 0:
-            k_ip = split_heads(self.to_k_ip(image), self.heads)
-            v_ip = split_heads(self.to_v_ip(image), self.heads)
+            kv += (split_heads(self.to_k_ip(image), self.heads), split_heads(self.to_v_ip(image), self.heads))
+        return kv
+
+    def __call__(self, x: mx.array, context: mx.array | None, call: _Call) -> mx.array:
+        kv = call.kv.get(id(self)) if call.kv is not None else None
+        if kv is None:
+            kv = self.context_kv(x if context is None else context)
+        q = split_heads(self.to_q(x), self.heads)
+        out = attention(q, kv[0], kv[1], call.mode, chunk_size=call.chunk_size)
+        if self.ip_dim > 0:
+            k_ip, v_ip = kv[2], kv[3]
             out = out + call.ip_weight * attention(q, k_ip, v_ip, call.mode, chunk_size=call.chunk_size)
         return self.to_out[0](merge_heads(out))
 
@@ -262,6 +286,10 @@ class MultiViewUNet(nn.Module):
         self.camera_dim = c.camera_dim
         self.ip_dim = c.ip_dim
         self.ip_weight = c.ip_weight
+        # compile(): mx.compile the blocks, one graph per call key (a plain attribute: a dict set
+        # on an mlx Module would join its parameter tree)
+        self.compiled = False
+        object.__setattr__(self, "_compiled_bodies", {})
         emb_dim = c.model_channels * 4
 
         if c.ip_dim > 0:
@@ -321,8 +349,9 @@ class MultiViewUNet(nn.Module):
     def _as(self, t, name: str) -> mx.array:
         return common.as_float_input(t, name, self.dtype)
 
-    def __call__(self, x, timesteps, context, camera=None, num_frames: int = 1, ip=None, ip_img=None, *,
-                 attention: str | None = None, ip_weight: float | None = None) -> mx.array:
+    def __call__(self, x, timesteps, context=None, camera=None, num_frames: int = 1, ip=None, ip_img=None, *,
+                 attention: str | None = None, ip_weight: float | None = None,
+                 cache: UNetCache | None = None) -> mx.array:
         """Noise prediction for every frame, NCHW, in the dtype of ``x``.
 
         - ``x`` (B·F, C_in, h, w), views fastest (index b·F + f); never modified.
@@ -336,46 +365,59 @@ class MultiViewUNet(nn.Module):
           the caller) only the first c channels of that frame are replaced. None: no replacement.
         - ``attention`` overrides the model's attention mode for this call, ``ip_weight`` the
           weight of the image-prompt attention (config default 1.0).
+        - ``cache``: ``prepare(context, camera, num_frames, ip)``'s result, in place of
+          ``context``, ``camera`` and ``ip`` (the same numbers, without recomputing them).
         """
         out_dtype = x.dtype if isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.floating) else self.dtype
         x = self._as(x, "x")
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise InputError(f"x must be (B·F, {self.in_channels}, h, w); got {tuple(x.shape)}")
         n, _, h, w = x.shape
-        if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1 or n % num_frames:
-            raise InputError(f"num_frames must be a positive integer dividing the batch {n}; got {num_frames!r}")
+        _check_frames(num_frames, n)
         depth = len(self.config.channel_mult) - 1
         if h % (1 << depth) or w % (1 << depth):
             raise InputError(f"latent height and width must be multiples of {1 << depth}; got {h}x{w}")
         mode = common.resolve_attention(self.attention if attention is None else attention)
-        call = _Call(mode, self.chunk_size, float(self.ip_weight if ip_weight is None else ip_weight))
-
         timesteps = common.per_item(timesteps, n, "timesteps")
-        context = common.check_tokens(self._as(context, "context"), n, self.context_dim, "context")
+
+        call = _Call(mode, self.chunk_size, float(self.ip_weight if ip_weight is None else ip_weight))
+        if cache is None:
+            cache = self._prepare(context, camera, num_frames, ip, n, mode, with_kv=False)
+        elif context is not None or camera is not None or ip is not None:
+            raise InputError("pass either cache= or context/camera/ip, not both")
+        elif not isinstance(cache, UNetCache) or (cache.batch, cache.num_frames) != (n, num_frames):
+            got = (getattr(cache, "batch", None), getattr(cache, "num_frames", None))
+            raise InputError(f"cache was prepared for (batch, num_frames) {got}; this call has {(n, num_frames)}")
+        if cache.kv:
+            call = _Call(call.mode, call.chunk_size, call.ip_weight, cache.kv)
 
         emb = _mlp(self.time_embed, timestep_embedding(timesteps, self.model_channels).astype(self.dtype))
-        if camera is not None:
-            if self.camera_dim is None:
-                raise InputError("this UNet has no camera embedding; pass camera=None")
-            camera = self._as(camera, "camera")
-            if tuple(camera.shape) != (n, self.camera_dim):
-                raise InputError(f"camera must be ({n}, {self.camera_dim}); got {tuple(camera.shape)}")
-            emb = emb + _mlp(self.camera_embed, camera)
+        if cache.camera_emb is not None:
+            emb = emb + cache.camera_emb
+        if ip_img is not None:
+            if self.ip_dim == 0:
+                raise InputError("this UNet has no image-prompt path (ip_dim 0); pass ip=None and ip_img=None")
+            x = self._place_reference(x, self._as(ip_img, "ip_img"), num_frames)
+        context = cache.context
 
-        if self.ip_dim > 0:
-            if ip is None:
-                raise InputError(
-                    f"ImageDream UNet needs ip (CLIP hidden states, (B·F, 257, {RESAMPLER_EMBEDDING_DIM}))"
-                )
-            ip = self._as(ip, "ip")
-            if ip.ndim != 3 or ip.shape[0] != n or ip.shape[2] != RESAMPLER_EMBEDDING_DIM:
-                raise InputError(f"ip must be ({n}, T, {RESAMPLER_EMBEDDING_DIM}); got {tuple(ip.shape)}")
-            context = mx.concatenate([context, self.image_embed(ip, call)], axis=1)
-            if ip_img is not None:
-                x = self._place_reference(x, self._as(ip_img, "ip_img"), num_frames)
-        elif ip is not None or ip_img is not None:
-            raise InputError("this UNet has no image-prompt path (ip_dim 0); pass ip=None and ip_img=None")
+        if not self.compiled or call.mode == "chunked":  # chunked evaluates as it goes: not traceable
+            return self._body(x, emb, context, num_frames, call).astype(out_dtype)
+        key = (num_frames, call.mode, call.chunk_size, call.ip_weight, call.kv is not None)
+        if key not in self._compiled_bodies:
+            order = [id(m.attn2) for m in self.modules() if isinstance(m, BasicTransformerBlock3D)]
 
+            def body(x, emb, context, kv):
+                c = _Call(key[1], key[2], key[3], dict(zip(order, kv, strict=True)) if key[4] else None)
+                return self._body(x, emb, context, key[0], c)
+
+            # the weights are inputs of the compiled graph, so it follows them if they change
+            self._compiled_bodies[key] = (order, mx.compile(body, inputs=self.state))
+        order, body = self._compiled_bodies[key]
+        kv = [call.kv[i] for i in order] if call.kv is not None else []
+        return body(x, emb, context, kv).astype(out_dtype)
+
+    def _body(self, x, emb, context, num_frames: int, call: _Call) -> mx.array:
+        """The blocks, NCHW in and out: what ``compile`` hands to ``mx.compile``."""
         hs = []
         hcur = common.nchw_to_nhwc(x)
         for block in self.input_blocks:
@@ -385,7 +427,68 @@ class MultiViewUNet(nn.Module):
         for block in self.output_blocks:
             hcur = _run_block(block, mx.concatenate([hcur, hs.pop()], axis=-1), emb, context, num_frames, call)
         out = self.out[2](nn.silu(norm32(self.out[0], hcur)))
-        return common.nhwc_to_nchw(out).astype(out_dtype)
+        return common.nhwc_to_nchw(out)
+
+    def compile(self) -> MultiViewUNet:
+        """Run the blocks of every call through ``mx.compile`` (one graph per shape and setting;
+        the chunked attention mode stays eager). Returns the model."""
+        self.compiled = True
+        return self
+
+    def prepare(self, context, camera=None, num_frames: int = 1, ip=None) -> UNetCache:
+        """The step-invariant work of a call with these conditioning inputs (same shapes and rules
+        as ``__call__``), done once: pass the result as ``cache=`` to every step of a generation.
+        Frames of a group with the same text and image prompt (what the pipeline passes) share
+        one resampler pass and one set of keys/values. The arrays are evaluated here."""
+        if not isinstance(context, mx.array) or context.ndim < 1:
+            raise InputError(f"context must be a (B·F, L, {self.context_dim}) array; got {type(context).__name__}")
+        n = context.shape[0]
+        _check_frames(num_frames, n)
+        mode = common.resolve_attention(self.attention)  # the resampler's, as a plain call's
+        cache = self._prepare(context, camera, num_frames, ip, n, mode, with_kv=True)
+        mx.eval(cache.context, cache.camera_emb, *[a for kv in cache.kv.values() for a in kv])
+        return cache
+
+    def _prepare(self, context, camera, num_frames: int, ip, n: int, mode: str, with_kv: bool) -> UNetCache:
+        call = _Call(mode, self.chunk_size, 1.0)
+        context = common.check_tokens(self._as(context, "context"), n, self.context_dim, "context")
+        camera_emb = None
+        if camera is not None:
+            if self.camera_dim is None:
+                raise InputError("this UNet has no camera embedding; pass camera=None")
+            camera = self._as(camera, "camera")
+            if tuple(camera.shape) != (n, self.camera_dim):
+                raise InputError(f"camera must be ({n}, {self.camera_dim}); got {tuple(camera.shape)}")
+            camera_emb = _mlp(self.camera_embed, camera)
+        # With caching, frames that repeat their group's first frame share its work (then repeat).
+        share = with_kv and num_frames > 1 and _same_in_groups(context, num_frames)
+        if self.ip_dim > 0:
+            if ip is None:
+                raise InputError(
+                    f"ImageDream UNet needs ip (CLIP hidden states, (B·F, 257, {RESAMPLER_EMBEDDING_DIM}))"
+                )
+            ip = self._as(ip, "ip")
+            if ip.ndim != 3 or ip.shape[0] != n or ip.shape[2] != RESAMPLER_EMBEDDING_DIM:
+                raise InputError(f"ip must be ({n}, T, {RESAMPLER_EMBEDDING_DIM}); got {tuple(ip.shape)}")
+            if with_kv and num_frames > 1 and _same_in_groups(ip, num_frames):
+                tokens = self.image_embed(ip[::num_frames], call)
+                tokens = tokens if share else mx.repeat(tokens, num_frames, axis=0)
+            else:
+                tokens, share = self.image_embed(ip, call), False
+            context = mx.concatenate([context[::num_frames] if share else context, tokens], axis=1)
+        elif ip is not None:
+            raise InputError("this UNet has no image-prompt path (ip_dim 0); pass ip=None and ip_img=None")
+        elif share:
+            context = context[::num_frames]
+        kv = {}
+        if with_kv:
+            for module in self.modules():
+                if isinstance(module, BasicTransformerBlock3D):
+                    pairs = module.attn2.context_kv(context)
+                    kv[id(module.attn2)] = tuple(mx.repeat(a, num_frames, axis=0) for a in pairs) if share else pairs
+        if share:
+            context = mx.repeat(context, num_frames, axis=0)
+        return UNetCache(n, num_frames, context, camera_emb, kv)
 
     def _place_reference(self, x: mx.array, ref: mx.array, num_frames: int) -> mx.array:
         """x with frame F−1 of every group replaced by the reference latent (a new array)."""
@@ -399,20 +502,32 @@ class MultiViewUNet(nn.Module):
         return mx.concatenate([groups[:, :-1], ref[:, None]], axis=1).reshape(n, c, h, w)
 
 
+def _check_frames(num_frames, n: int) -> None:
+    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1 or n % num_frames:
+        raise InputError(f"num_frames must be a positive integer dividing the batch {n}; got {num_frames!r}")
+
+
+def _same_in_groups(t: mx.array, num_frames: int) -> bool:
+    """Whether every frame of each group of ``num_frames`` holds the same values as its first."""
+    g = t.reshape(t.shape[0] // num_frames, num_frames, -1)
+    return bool(mx.array_equal(g[:, 1:], mx.broadcast_to(g[:, :1], g[:, 1:].shape)).item())
+
+
 def _mlp(layers: list, x: mx.array) -> mx.array:
     """``time_embed`` / ``camera_embed``: Linear, SiLU, Linear."""
     return layers[2](nn.silu(layers[0](x)))
 
 
 def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", attention: str = "auto",
-              chunk_size: int = 1024) -> MultiViewUNet:
+              chunk_size: int = 1024, compile: bool = False) -> MultiViewUNet:
     """Build the UNet described by ``folder/config.json`` and load its weights strictly.
 
     ``dtype`` is the compute dtype (float32, float16 or bfloat16; files may hold any of them);
     ``attention`` the default mode (auto | sdpa | chunked | naive), ``chunk_size`` the query
-    block of the chunked mode.
+    block of the chunked mode; ``compile``: ``model.compile()`` (mx.compile of every call's blocks).
     """
     check_load_options(dtype, attention, chunk_size)
     config = UNetConfig.from_folder(folder)
-    return common.load_model(lambda: MultiViewUNet(config), load_state(folder), str(folder), dtype=dtype,
-                             attention=attention, chunk_size=chunk_size)
+    model = common.load_model(lambda: MultiViewUNet(config), load_state(folder), str(folder), dtype=dtype,
+                              attention=attention, chunk_size=chunk_size)
+    return model.compile() if compile else model

@@ -19,6 +19,7 @@ in it, and the transformers' token layout becomes a free view). benchmarks/ meas
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -55,6 +56,24 @@ class _Call:
     fast: bool = False
     # the cross-attention context is (B, L, C), one per group of frames, not one per frame
     grouped: bool = False
+    # prepared cross-attention keys/values per attn2 module (``UNetCache.kv``), or None
+    kv: dict | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class UNetCache:
+    """The step-invariant part of a UNet call (``MultiViewUNet.prepare``): the context with its
+    resampled image tokens, every cross-attention's keys and values, the camera embedding.
+
+    Made once per generation, passed as ``unet(x, t, cache=cache, num_frames=F, ip_img=...)``.
+    """
+
+    batch: int  # B·F, the frames the cache was made for
+    num_frames: int
+    grouped: bool
+    context: torch.Tensor
+    camera_emb: torch.Tensor | None
+    kv: dict
 
 
 # --------------------------------------------------------------------------- fast norms
@@ -145,19 +164,26 @@ class CrossAttention(nn.Module):
         # index 1 is the reference's Dropout (identity at inference, no weights)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None, call: _Call) -> torch.Tensor:
-        context = x if context is None else context
+    def context_kv(self, context: torch.Tensor) -> tuple:
+        """Keys and values of ``context`` (text, then image tokens when ``ip_dim`` > 0), split
+        into heads: (k, v) or (k, v, k_ip, v_ip). They depend on nothing that changes per step."""
         if self.ip_dim > 0:
             # contiguous halves: a strided 3-D input makes Linear copy its weight per batch item
             context, context_ip = context[:, : -self.ip_dim].contiguous(), context[:, -self.ip_dim:].contiguous()
+        kv = (split_heads(self.to_k(context), self.heads), split_heads(self.to_v(context), self.heads))
+        if self.ip_dim > 0:
+            kv += (split_heads(self.to_k_ip(context_ip), self.heads), split_heads(self.to_v_ip(context_ip), self.heads))
+        return kv
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, call: _Call) -> torch.Tensor:
+        kv = call.kv.get(self) if call.kv is not None else None
+        if kv is None:
+            kv = self.context_kv(x if context is None else context)
         scale = 1.0 / math.sqrt(self.dim_head)
         q = split_heads(self.to_q(x), self.heads)
-        k = split_heads(self.to_k(context), self.heads)
-        v = split_heads(self.to_v(context), self.heads)
-        out = scaled_attention(q, k, v, call.mode, scale=scale, chunk_size=call.chunk_size)
+        out = scaled_attention(q, kv[0], kv[1], call.mode, scale=scale, chunk_size=call.chunk_size)
         if self.ip_dim > 0:
-            k_ip = split_heads(self.to_k_ip(context_ip), self.heads)
-            v_ip = split_heads(self.to_v_ip(context_ip), self.heads)
+            k_ip, v_ip = kv[2], kv[3]
             out_ip = scaled_attention(q, k_ip, v_ip, call.mode, scale=scale, chunk_size=call.chunk_size)
             out = out.add_(out_ip, alpha=call.ip_weight) if call.fast else out + call.ip_weight * out_ip
         return self.to_out(merge_heads(out))
@@ -364,6 +390,8 @@ class MultiViewUNet(nn.Module):
         self.ip_weight = c.ip_weight
         # activation layout; load_unet converts the convolution weights to match
         self.channels_last = False
+        # set by compile(): the compiled blocks of inference calls
+        self.compiled_body = None
 
         emb_dim = c.model_channels * 4
         if c.ip_dim > 0:
@@ -430,8 +458,9 @@ class MultiViewUNet(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
 
-    def forward(self, x, timesteps, context, camera=None, num_frames: int = 1, ip=None, ip_img=None, *,
-                attention: str | None = None, ip_weight: float | None = None) -> torch.Tensor:
+    def forward(self, x, timesteps, context=None, camera=None, num_frames: int = 1, ip=None, ip_img=None, *,
+                attention: str | None = None, ip_weight: float | None = None,
+                cache: UNetCache | None = None) -> torch.Tensor:
         """Noise prediction for every frame, NCHW, in the dtype of ``x``.
 
         - ``x`` (B·F, C_in, h, w), views fastest (index b·F + f); never modified.
@@ -445,6 +474,8 @@ class MultiViewUNet(nn.Module):
           caller) only the first c channels of that frame are replaced. None: no replacement.
         - ``attention`` overrides the model's attention mode for this call, ``ip_weight`` the
           weight of the image-prompt attention (config default 1.0).
+        - ``cache``: ``prepare(context, camera, num_frames, ip)``'s result, in place of
+          ``context``, ``camera`` and ``ip`` (the same numbers, without recomputing them).
         """
         out_dtype = x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else self.dtype
         x = self._as(x, "x")
@@ -458,18 +489,77 @@ class MultiViewUNet(nn.Module):
             raise InputError(f"latent height and width must be multiples of {1 << depth}; got {h}x{w}")
         mode = common.resolve_attention(self.attention if attention is None else attention, self.device)
         fast = not torch.is_grad_enabled()
-
         timesteps = common.per_item(timesteps, n, "timesteps", self.device)
-        context = common.check_tokens(self._as(context, "context"), n, self.context_dim, "context")
+
+        if cache is None:
+            cache = self._prepare(context, camera, num_frames, ip, n, with_kv=False)
+        elif context is not None or camera is not None or ip is not None:
+            raise InputError("pass either cache= or context/camera/ip, not both")
+        elif not isinstance(cache, UNetCache) or (cache.batch, cache.num_frames) != (n, num_frames):
+            got = (getattr(cache, "batch", None), getattr(cache, "num_frames", None))
+            raise InputError(f"cache was prepared for (batch, num_frames) {got}; this call has {(n, num_frames)}")
 
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.dtype))
+        if cache.camera_emb is not None:
+            emb = emb + cache.camera_emb
+        if ip_img is not None:
+            if self.ip_dim == 0:
+                raise InputError("this UNet has no image-prompt path (ip_dim 0); pass ip=None and ip_img=None")
+            x = self._place_reference(x, self._as(ip_img, "ip_img"), num_frames)
+        call = _Call(mode, self.chunk_size, float(self.ip_weight if ip_weight is None else ip_weight), fast,
+                     cache.grouped, cache.kv or None)
+        context = cache.context
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        if self.compiled_body is None or torch.is_grad_enabled():
+            return self._body(x, emb, context, num_frames, call).to(out_dtype).contiguous()
+        # the compiler fuses on its own; the in-place fast path's pointer checks would break its graph
+        call = dataclasses.replace(call, fast=False)
+        return self.compiled_body(x, emb, context, num_frames, call).to(out_dtype).contiguous()
+
+    def _body(self, x, emb, context, num_frames: int, call: _Call) -> torch.Tensor:
+        """The blocks: the part of a call that ``compile`` hands to ``torch.compile``."""
+        hs = []
+        hcur = x
+        for block in self.input_blocks:
+            hcur = block(hcur, emb, context, num_frames, call)
+            hs.append(hcur)
+        hcur = self.middle_block(hcur, emb, context, num_frames, call)
+        for block in self.output_blocks:
+            hcur = block(torch.cat([hcur, hs.pop()], dim=1), emb, context, num_frames, call)
+        return self.out[2](norm_act(self.out[0], hcur, True, call, reuse=True))
+
+    def compile(self, mode: str | None = None) -> MultiViewUNet:
+        """Run the blocks of inference calls through ``torch.compile`` (shapes static; recompiled
+        when they change). ``mode`` None: "reduce-overhead" (CUDA graphs) on CUDA, the default
+        elsewhere. Calls with autograd on stay eager. Returns the model."""
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.compiled_body = torch.compile(self._body, mode=mode, dynamic=False, fullgraph=True)
+        return self
+
+    def prepare(self, context, camera=None, num_frames: int = 1, ip=None) -> UNetCache:
+        """The step-invariant work of a call with these conditioning inputs (same shapes and rules
+        as ``forward``), done once: pass the result as ``cache=`` to every step of a generation.
+        Under autograd the cached tensors keep their graph; caching is only ever opt-in."""
+        if not isinstance(context, torch.Tensor) or context.ndim < 1:
+            raise InputError(f"context must be a (B·F, L, {self.context_dim}) tensor; got {type(context).__name__}")
+        n = context.shape[0]
+        if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1 or n % num_frames:
+            raise InputError(f"num_frames must be a positive integer dividing the batch {n}; got {num_frames!r}")
+        return self._prepare(context, camera, num_frames, ip, n, with_kv=True)
+
+    def _prepare(self, context, camera, num_frames: int, ip, n: int, with_kv: bool) -> UNetCache:
+        context = common.check_tokens(self._as(context, "context"), n, self.context_dim, "context")
+        camera_emb = None
         if camera is not None:
             if self.camera_dim is None:
                 raise InputError("this UNet has no camera embedding; pass camera=None")
             camera = self._as(camera, "camera")
             if camera.shape != (n, self.camera_dim):
                 raise InputError(f"camera must be ({n}, {self.camera_dim}); got {tuple(camera.shape)}")
-            emb = emb + self.camera_embed(camera)
+            camera_emb = self.camera_embed(camera)
 
         # A group's frames usually share their prompt (the pipeline repeats it per frame): then
         # the resampler runs once per group, and cross-attention keys/values are made once.
@@ -491,24 +581,14 @@ class MultiViewUNet(nn.Module):
                 if grouped:  # per-frame image prompts after all: back to per-frame context
                     context, grouped = context.repeat_interleave(num_frames, dim=0), False
             context = torch.cat([context, tokens], dim=1)
-            if ip_img is not None:
-                x = self._place_reference(x, self._as(ip_img, "ip_img"), num_frames)
-        elif ip is not None or ip_img is not None:
+        elif ip is not None:
             raise InputError("this UNet has no image-prompt path (ip_dim 0); pass ip=None and ip_img=None")
-        call = _Call(mode, self.chunk_size, float(self.ip_weight if ip_weight is None else ip_weight), fast, grouped)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-
-        hs = []
-        hcur = x
-        for block in self.input_blocks:
-            hcur = block(hcur, emb, context, num_frames, call)
-            hs.append(hcur)
-        hcur = self.middle_block(hcur, emb, context, num_frames, call)
-        for block in self.output_blocks:
-            hcur = block(torch.cat([hcur, hs.pop()], dim=1), emb, context, num_frames, call)
-        out = self.out[2](norm_act(self.out[0], hcur, True, call, reuse=True))
-        return out.to(out_dtype).contiguous()
+        kv = {}
+        if with_kv:
+            for module in self.modules():
+                if isinstance(module, BasicTransformerBlock3D):
+                    kv[module.attn2] = module.attn2.context_kv(context)
+        return UNetCache(n, num_frames, grouped, context, camera_emb, kv)
 
     def _place_reference(self, x: torch.Tensor, ref: torch.Tensor, num_frames: int) -> torch.Tensor:
         """x with frame F−1 of every group replaced by the reference latent (out of place)."""
@@ -530,7 +610,8 @@ def _same_in_groups(t: torch.Tensor, num_frames: int) -> bool:
 
 
 def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
-              attention: str = "auto", chunk_size: int = 1024, channels_last: bool | None = None) -> MultiViewUNet:
+              attention: str = "auto", chunk_size: int = 1024, channels_last: bool | None = None,
+              compile: bool = False) -> MultiViewUNet:
     """Build the UNet described by ``folder/config.json`` and load its weights strictly.
 
     ``dtype`` is the compute dtype (float32, float16 or bfloat16; files may hold any of them);
@@ -539,6 +620,7 @@ def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str 
     interface stays NCHW either way). By default it is channels-last in float16 and bfloat16,
     where oneDNN's and cuDNN's convolutions are fastest in it (about 2x on an AMX CPU), and NCHW
     in float32, where oneDNN's blocked NCHW convolutions beat its channels-last ones on the CPU.
+    ``compile``: ``model.compile()`` (torch.compile of the inference step).
     """
     check_load_options(dtype, attention, chunk_size)
     config = UNetConfig.from_folder(folder)
@@ -547,4 +629,4 @@ def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str 
     model.channels_last = dtype != "float32" if channels_last is None else bool(channels_last)
     if model.channels_last:
         model.to(memory_format=torch.channels_last)
-    return model
+    return model.compile() if compile else model
