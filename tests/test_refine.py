@@ -277,8 +277,10 @@ def test_preflight_refuses_other_channel_layouts(tmp_path):
 
 
 def test_generate_with_normals_uses_them(first):
+    # Two steps: at t = 981 alone these random weights barely see the maps (2.9e-5 measured), at t = 1
+    # they do (2e-3 over both).
     pipe = first["normal_pipe"]
-    kw = dict(cameras=cams(CASES["c"]), num_inference_steps=1, guidance_scale=1.0, progress=False)
+    kw = dict(cameras=cams(CASES["c"]), num_inference_steps=2, guidance_scale=1.0, progress=False)
     a = pipe.generate(PHOTO, normals=NORMALS, **kw)
-    b = pipe.generate(PHOTO, normals=NORMALS[::-1].copy(), **kw)
+    b = pipe.generate(PHOTO, normals=np.full_like(NORMALS, 0.5), **kw)
     assert rel_l2(a.latents, b.latents) > 1e-3
