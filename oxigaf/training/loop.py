@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from ..checkpoints import load_state, read_json, read_shapes, resolve_model
 from ..config import UNetConfig, VAEConfig, check_attention
 from ..errors import ConfigError, InputError, NumericsError
+from ..synthetic import build_folder
 from .data import MultiViewDataset, latent_factor
 from .lora import LoRA, init_lora, lora_targets
 from .objective import build_batch, draw_sample
@@ -325,10 +325,9 @@ class Trainer:
 
     def _save_checkpoint(self, step: int, rng: np.random.Generator) -> Path:
         root = self.output / CHECKPOINTS
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{step:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        try:
+
+        def fill(tmp: Path) -> None:
             _save_tensors(self.trainer.trainable_state(), tmp / "trainable.safetensors")
             opt, opt_step = self.trainer.optimizer_state()
             _save_tensors(opt, tmp / "optimizer.safetensors")
@@ -341,12 +340,8 @@ class Trainer:
                                                              "alpha": self.lora["alpha"]},
                      "base_model": str(self.model_path), "backend": self.backend.name}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        build_folder(final, fill)  # a temporary folder beside it, renamed into place
         done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
         for old in done[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
