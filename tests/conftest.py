@@ -18,29 +18,88 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, _THREADS)
 
 # The mlx[cpu] wheel for Linux bundles a reference BLAS, ~30x slower than an optimised one (a
-# 2048² matmul: 4.7 s against 0.16 s here). When Debian's OpenBLAS is installed
-# (libopenblas0-pthread), the test run restarts itself once with it preloaded; results are the same.
-# A test-only speed-up: the package never does this. OXIGAF_TEST_OPENBLAS=0 turns it off.
+# 2048² matmul: 4.7 s against 0.16 s here; a 3x3 convolution of the e2e model 0.28 s against 0.03 s).
+# So the test run restarts itself once with a fast BLAS preloaded: Debian's OpenBLAS where it is
+# installed (libopenblas0-pthread), else the OpenBLAS inside scipy's wheel (a dev dependency), whose
+# symbols carry a "scipy_" prefix, behind a shim of two forwarding functions compiled with the
+# system C compiler. Results are the same to float32 rounding. A test-only speed-up: the package
+# never does this. OXIGAF_TEST_OPENBLAS=0 turns it off.
 _OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+_SHIM = r"""
+typedef int blasint;
+#define FORWARD(T, NAME) \
+  extern void scipy_##NAME(int, int, int, blasint, blasint, blasint, T, const T *, blasint, const T *, blasint, T, \
+                           T *, blasint); \
+  void NAME(int o, int ta, int tb, blasint m, blasint n, blasint k, T alpha, const T *a, blasint lda, const T *b, \
+            blasint ldb, T beta, T *c, blasint ldc) { \
+    scipy_##NAME(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc); }
+FORWARD(float, cblas_sgemm)
+FORWARD(double, cblas_dgemm)
+"""
+
+
+def _scipy_openblas_shim() -> str | None:
+    """A shared library exporting cblas_sgemm/dgemm from scipy's bundled OpenBLAS, built once into
+    a cache folder; None without scipy's OpenBLAS or a C compiler."""
+    import glob
+    import hashlib
+    import importlib.util
+    import shutil
+    import subprocess
+    import tempfile
+
+    spec = importlib.util.find_spec("scipy")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if spec is None or spec.origin is None or cc is None:
+        return None
+    libs = sorted(glob.glob(str(Path(spec.origin).parents[1] / "scipy.libs" / "libscipy_openblas*.so")))
+    if not libs:
+        return None
+    lib = Path(libs[-1])
+    key = hashlib.sha256((_SHIM + str(lib)).encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / f"oxigaf-test-cblas-{key}.so"
+    if out.is_file():
+        return str(out)
+    src = out.with_suffix(f".{os.getpid()}.c")
+    src.write_text(_SHIM)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(tmp), f"-L{lib.parent}", f"-l:{lib.name}",
+                        f"-Wl,-rpath,{lib.parent}"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, out)  # several processes may build it at once: each renames a whole file
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        src.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return str(out)
 
 
 def pytest_configure(config):
     if not (
         sys.platform == "linux"
+        and not hasattr(config, "workerinput")  # an xdist worker inherits its controller's environment
         and os.environ.get("OXIGAF_TEST_OPENBLAS", "1") != "0"
-        and os.path.exists(_OPENBLAS)
-        and _OPENBLAS not in os.environ.get("LD_PRELOAD", "")
         and "mlx" not in sys.modules
     ):
+        return
+    blas = _OPENBLAS if os.path.exists(_OPENBLAS) else _scipy_openblas_shim()
+    if blas is None or blas in os.environ.get("LD_PRELOAD", ""):
         return
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.stop_global_capturing()  # give the new process the real stdout and stderr
-    env = {**os.environ, "LD_PRELOAD": ":".join(filter(None, [_OPENBLAS, os.environ.get("LD_PRELOAD")])),
+    env = {**os.environ, "LD_PRELOAD": ":".join(filter(None, [blas, os.environ.get("LD_PRELOAD")])),
            "OXIGAF_TEST_OPENBLAS": "0"}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "pytest", *config.invocation_params.args], env)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core (each runs one compute thread, above), at most 4: past that
+    the heaviest files, not the worker count, set the wall time, and each worker holds its own models."""
+    return max(2, min(os.cpu_count() or 1, 4))
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
