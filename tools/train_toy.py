@@ -5,26 +5,25 @@
 
 Phases (each writes into --work and is skipped when its output is there):
 
-1. ``data``: ``toys.make_dataset`` (subjects 0..N-1, 4 views at azimuths 0/90/180/270, normal maps).
+1. ``data``: ``toys.make_dataset`` (subjects 0..N-1, default 1200, 4 views at azimuths 0/90/180/270, normal maps).
 2. ``vae``: an ``AutoencoderKL`` (factor 8: 64 px -> 8x8x4 latents) trained from scratch on the
    views, normal maps and extra renders at random azimuths (L1 + MSE, a small KL term); its
    ``scaling_factor`` is set to 1/std of the latents. Reports reconstruction PSNR on held-out heads.
-3. ``unet``: the multi-view UNet from scratch with ImageDream's objective: 4 target views
-   (0/90/180/270 relative to the front) and the front view as reference (its clean latent in the
-   reference slot, its CLIP states as image prompt), epsilon prediction, t uniform, MSE on the
-   targets, 10 % conditioning dropout (zero CLIP states and zero reference latent: the
-   unconditional branch of inference); AdamW, warm-up, gradient clipping, EMA, float32 (bfloat16 autocast measured
-   5-10x slower on this CPU).
-4. ``normals``: the normal-conditioned variant (in_channels 8): the plain UNet widened with zero
-   weights for the normal latents (so it starts as the plain one), fine-tuned shortly.
-5. ``export``: fp16 pipeline folders into ``oxigaf/toy_model/imagedream`` and ``imagedream-normals``.
+3. ``unet``: a start folder (the encoders below, the VAE, a v-prediction DDIM scheduler, the
+   UNet freshly initialised, its output conv zero), then ``oxigaf train`` on the data: the front
+   view as the reference (``--reference-frame 0``), the 4 views as targets, 10 % image-condition
+   dropout (the unconditional branch of guidance), AdamW with warm-up, EMA weights exported.
+   Resumable: a stopped run continues from its last checkpoint (every 100 steps).
+4. ``normals``: ``oxigaf train --init-in-channels 8`` from the plain model (the normal latents'
+   input weights start at zero, so it starts as the plain model), fine-tuned briefly.
+5. ``export``: both trained folders in float16 into ``oxigaf/toy_model/imagedream`` and
+   ``imagedream-normals``.
 
 The CLIP text and image encoders are small, random and frozen: the text encoder is the demo's
 tiny one, the image encoder a patch embedding + position embedding (its one transformer layer is
 zero, so its penultimate states are the layer-normed embeddings: a random linear patch feature).
 
 Everything is seeded: the same arguments give the same weights on the same machine and torch.
-``--gpu`` trains a bigger variant on a CUDA device (more steps and subjects).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -49,8 +49,9 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from oxigaf import toys  # noqa: E402
-from oxigaf.cameras import CameraParams, camera_vectors, default_cameras  # noqa: E402
+from oxigaf.cameras import CameraParams, default_cameras  # noqa: E402
 from oxigaf.config import CLIPVisionConfig, UNetConfig, VAEConfig  # noqa: E402
+from oxigaf.synthetic import random_weights  # noqa: E402
 
 DEMO = ROOT / "oxigaf" / "demo_data" / "imagedream"
 SIZE = 64
@@ -196,22 +197,6 @@ def phase_vae(work: Path, steps: int, batch: int, lr: float) -> None:
 # --------------------------------------------------------------------------- encoders
 
 
-def random_weights(shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
-    """Norm scales 1, biases 0, matrices normal with std 1/sqrt(fan_in) (the demo's recipe)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in sorted(shapes.items()):
-        leaf = name.rsplit(".", 1)[-1]
-        if len(shape) == 1 and leaf == "weight":
-            out[name] = np.ones(shape, np.float32)
-        elif len(shape) == 1:
-            out[name] = np.zeros(shape, np.float32)
-        else:
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
-            out[name] = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(max(fan_in, 1))
-    return out
-
-
 def image_encoder_weights(seed: int = 7) -> dict[str, np.ndarray]:
     from oxigaf_torch.clip import CLIPImageEncoder
 
@@ -272,219 +257,124 @@ def init_unet(unet, seed: int) -> None:
     torch.nn.init.zeros_(unet.out[2].bias)
 
 
-def encode_cache(work: Path) -> dict:
-    """Latents of every view and normal map, CLIP states of every front view (float16), cached."""
-    cache = work / "cache.pt"
-    if cache.is_file():
-        return torch.load(cache)
-    from oxigaf.images import CLIPPreprocessor
-    from oxigaf_torch.clip import CLIPImageEncoder
-    from oxigaf_torch.common import load_weights
+def start_folder(work: Path) -> Path:
+    """The pipeline folder ``oxigaf train`` starts from: the encoders, the trained VAE, a
+    v-prediction scheduler and the freshly initialised UNet (float32)."""
+    from safetensors.torch import save_file
 
-    views, normals, seeds = load_subjects(work / "data")
-    vae = build_vae()
-    ck = torch.load(work / "vae.pt")
-    vae.load_state_dict(ck["state"])
-    vae.eval()
-    scale = ck["scaling_factor"]
-    s, v = views.shape[:2]
-    out = {"scale": scale, "seeds": seeds}
-    with torch.no_grad():
-        for key, arr in (("latents", views), ("normal_latents", normals)):
-            flat = torch.from_numpy(arr.reshape(-1, SIZE, SIZE, 3).transpose(0, 3, 1, 2).copy()) * 2 - 1
-            lat = torch.cat([vae_posterior(vae, flat[i:i + 256])[0] for i in range(0, len(flat), 256)]) * scale
-            out[key] = lat.reshape(s, v, 4, SIZE // 8, SIZE // 8).float()
-        cfg = CLIPVisionConfig.from_dict(IMAGE_ENCODER_CONFIG)
-        with torch.device("meta"):
-            enc = CLIPImageEncoder(cfg, projection=False)
-        load_weights(enc, image_encoder_weights(), "image_encoder")
-        pre = CLIPPreprocessor.from_folder(DEMO / "feature_extractor")
-        clip = []
-        for i in range(s):
-            px = torch.from_numpy(pre(Image.fromarray(np.round(views[i, 0] * 255).astype(np.uint8))))
-            clip.append(enc(px, output_hidden_states=True)["hidden_states"][-2].half())
-        out["clip"] = torch.cat(clip)
-    torch.save(out, cache)
-    log(f"cache: {s} subjects encoded")
-    return out
-
-
-def diffusion_schedule() -> torch.Tensor:
-    cfg = json.loads((DEMO / "scheduler" / "scheduler_config.json").read_text())
-    betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, cfg["num_train_timesteps"],
-                           dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
-
-
-def train_unet(work: Path, unet, steps: int, batch: int, lr: float, seed: int, normals: bool, out: Path,
-               warmup: int = 50, ema_decay: float = 0.995, drop: float = 0.1, resume: dict | None = None) -> None:
-    """Train to ``steps``; ``resume``: a checkpoint of this function (weights, optimiser, EMA, data order)."""
-    data = encode_cache(work)
-    lat, nlat, clip = data["latents"], data["normal_latents"], data["clip"]
-    s = lat.shape[0]
-    alphas = diffusion_schedule()
-    cams = torch.from_numpy(np.concatenate([camera_vectors(default_cameras(4)), np.zeros((1, 16), np.float32)]))
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    start = 1
-    if resume is not None:
-        start = resume["step"] + 1
-        ema = resume["ema"]
-        if "state" in resume:
-            unet.load_state_dict(resume["state"])
-            opt.load_state_dict(resume["opt"])
-            gen.set_state(resume["gen"])
-        else:
-            # A checkpoint that kept only the EMA weights: continue from them with a fresh optimiser.
-            unet.load_state_dict(resume["ema"])
-            gen.manual_seed(seed + start)
-    context = torch.zeros(batch * 5, 77, UNET_CONFIG["context_dim"])
-    text = text_context()
-    context[:] = text
-    log_f = (out.parent / f"{out.stem}_log.jsonl").open("a" if resume is not None else "w")
-    t0 = time.time()
-    unet.train()
-    for step in range(start, steps + 1):
-        idx = torch.randint(0, s, (batch,), generator=gen)
-        x0 = lat[idx]  # (B, 4, 4, h, w) targets at 0/90/180/270
-        ref = lat[idx, 0]  # the front view
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, len(alphas), (batch,), generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        keep = (torch.rand(batch, generator=gen) >= drop).float()
-        frames = torch.cat([xt, torch.randn((batch, 1) + x0.shape[2:], generator=gen)], 1)  # ref slot: replaced
-        ip_img = ref * keep.view(-1, 1, 1, 1)
-        if normals:
-            nm = torch.cat([nlat[idx], nlat[idx, :1]], 1)  # the views' normal latents, then the photo's
-            frames = torch.cat([frames, nm], 2)
-        ip = clip[idx].float() * keep.view(-1, 1, 1)
-        ip = ip.repeat_interleave(5, 0)
-        ts = t.repeat_interleave(5).float()
-        lr_now = lr * min(1.0, (step - start + 1) / warmup if resume is not None and "state" not in resume
-                          else step / warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr_now
-        eps = unet(frames.flatten(0, 1), ts, context, camera=cams.repeat(batch, 1), num_frames=5, ip=ip,
-                   ip_img=ip_img)
-        eps = eps.reshape(batch, 5, 4, *x0.shape[3:])[:, :4]
-        loss = F.mse_loss(eps, noise)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"NaN loss at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            d = min(ema_decay, (1 + step) / (10 + step))
-            for k, v in unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
-        log_f.write(json.dumps({"step": step, "loss": loss.item(), "lr": lr_now, "seconds": time.time() - t0}) + "\n")
-        if step % 25 == 0 or step == steps:
-            log_f.flush()
-            log(f"{out.stem} step {step}/{steps} loss {loss.item():.4f} "
-                f"({(time.time() - t0) / (step - start + 1):.2f}s/step)")
-        if step % 50 == 0 or step == steps:
-            torch.save({"ema": ema, "step": step, "state": unet.state_dict(), "opt": opt.state_dict(),
-                        "gen": gen.get_state()}, out.with_suffix(".tmp"))
-            out.with_suffix(".tmp").replace(out)
-    log_f.close()
-
-
-_TEXT = None
-
-
-def text_context() -> torch.Tensor:
-    """The empty prompt's text-encoder states (the pipeline's default prompt and negative prompt)."""
-    global _TEXT
-    if _TEXT is None:
-        from oxigaf.tokenizers import CLIPTokenizer
-        from oxigaf_torch.clip import load_text_encoder
-
-        tmp = Path(TEXT_DIR)
-        enc = load_text_encoder(tmp / "text_encoder")
-        ids = CLIPTokenizer.from_pretrained(tmp / "tokenizer")([""])
-        _TEXT = enc(torch.from_numpy(ids))["last_hidden_state"].float()
-    return _TEXT
-
-
-TEXT_DIR = ""
-
-
-def phase_unet(work: Path, steps: int, batch: int, lr: float) -> None:
-    out = work / "unet.pt"
-    resume = torch.load(out) if out.is_file() else None
-    if resume is not None and resume["step"] >= steps:
-        return
+    dst = work / "start"
+    if (dst / "model_index.json").is_file():
+        return dst
+    tmp = work / ".start.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build_encoders(tmp)
+    write_vae(work, tmp, torch.float32)
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(), indent=2))
     unet = build_unet(4)
     init_unet(unet, seed=0)
-    log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters"
-        + (f", resuming at step {resume['step']}" if resume else ""))
-    train_unet(work, unet, steps, batch, lr, seed=0, normals=False, out=out, resume=resume)
+    (tmp / "unet").mkdir()
+    (tmp / "unet" / "config.json").write_text(json.dumps(UNET_CONFIG, indent=2))
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()},
+              str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+    tmp.rename(dst)
+    log(f"start folder: {dst} (UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters)")
+    return dst
 
 
-def phase_normals(work: Path, steps: int, batch: int, lr: float) -> None:
-    out = work / "unet_normals.pt"
-    if out.is_file() and torch.load(out)["step"] >= steps and \
-            torch.load(out).get("base_step") == torch.load(work / "unet.pt")["step"]:
+def scheduler_config() -> dict:
+    """The demo's DDIM config with v-prediction: at high noise the target is the clean latent
+    itself, so the loss there teaches the model to read the reference view (with epsilon the
+    reference's share of the target is sqrt(alpha_bar) ~ 0.07 at t = 999, and an 800-step
+    epsilon model had learnt to ignore it)."""
+    cfg = json.loads((DEMO / "scheduler" / "scheduler_config.json").read_text())
+    return dict(cfg, prediction_type="v_prediction")
+
+
+def oxigaf_train(work: Path, model: Path, run: Path, steps: int, args, extra: tuple = ()) -> None:
+    """``oxigaf train`` to ``steps`` optimiser steps in total, resuming a stopped run."""
+    import subprocess
+
+    from oxigaf.training.loop import latest_checkpoint
+
+    done = 0
+    last = latest_checkpoint(run)
+    if last is not None:
+        done = int(json.loads((last / "state.json").read_text())["step"])
+    if done >= steps and (run / "unet" / "config.json").is_file():
         return
-    plain = torch.load(work / "unet.pt")["ema"]
-    unet = build_unet(8)
-    init_unet(unet, seed=1)
-    state = dict(plain)
-    w = plain["input_blocks.0.0.weight"]
-    # Widened input conv: zero weights for the normal latents, so it starts as the plain model.
-    state["input_blocks.0.0.weight"] = torch.cat([w, torch.zeros_like(w)], 1)
-    unet.load_state_dict(state)
-    train_unet(work, unet, steps, batch, lr, seed=1, normals=True, out=out, warmup=20)
-    ck = torch.load(out)
-    ck["base_step"] = torch.load(work / "unet.pt")["step"]
-    torch.save(ck, out)
+    cmd = [sys.executable, "-m", "oxigaf.cli", "train", str(work / "data"), "--model", str(model), "-o", str(run),
+           "--steps", str(steps - done), "--batch-size", str(args.batch), "--lr", str(args.lr),
+           "--warmup", str(args.warmup), "--ema", str(args.ema), "--reference-frame", "0",
+           "--image-dropout", "0.1", "--text-dropout", "0", "--checkpoint-every", "100",
+           "--backend", "torch", "--seed", "0", "--quiet", *extra]
+    if done:
+        cmd.append("--resume")
+    log(f"{run.name}: {' '.join(cmd[2:])}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=os.pathsep.join(
+        [str(ROOT), str(ROOT / "backends" / "torch"), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.time()
+    subprocess.run(cmd, check=True, env=env)
+    log(f"{run.name}: {steps - done} steps in {time.time() - t0:.0f}s")
+
+
+def phase_unet(work: Path, args) -> None:
+    oxigaf_train(work, start_folder(work), work / "unet_run", args.unet_steps, args)
+
+
+def phase_normals(work: Path, args) -> None:
+    # The plain model widened with zero weights for the normal latents (it starts as the plain
+    # model), fine-tuned briefly on the views' normal maps.
+    oxigaf_train(work, work / "unet_run", work / "normals_run", args.normal_steps, args,
+                 ("--init-in-channels", "8"))
 
 
 # --------------------------------------------------------------------------- export
 
 
-def export(work: Path, dst: Path, normals: bool) -> None:
+def write_vae(work: Path, folder: Path, dtype) -> None:
+    """``folder/vae``: the trained VAE, its scaling factor set to 1/std of its latents."""
     from safetensors.torch import save_file
 
-    scale = torch.load(work / "vae.pt")["scaling_factor"]
+    ck = torch.load(work / "vae.pt")
+    (folder / "vae").mkdir()
+    (folder / "vae" / "config.json").write_text(
+        json.dumps(dict(VAE_CONFIG, scaling_factor=round(ck["scaling_factor"], 5)), indent=2))
+    save_file({k: v.to(dtype).contiguous() for k, v in ck["state"].items()},
+              str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+
+
+def export(run: Path, dst: Path) -> None:
+    """The pipeline folder ``oxigaf train`` wrote, in float16, without its checkpoints and log."""
+    from safetensors.numpy import load_file, save_file
+
     tmp = dst.with_name(f".{dst.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    build_encoders(tmp)
-    (tmp / "vae").mkdir()
-    (tmp / "vae" / "config.json").write_text(json.dumps(dict(VAE_CONFIG, scaling_factor=round(scale, 5)), indent=2))
-    vae_state = torch.load(work / "vae.pt")["state"]
-    save_file({k: v.half().contiguous() for k, v in vae_state.items()},
-              str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
-    (tmp / "unet").mkdir()
-    (tmp / "unet" / "config.json").write_text(json.dumps(dict(UNET_CONFIG, in_channels=8 if normals else 4),
-                                                         indent=2))
-    ema = torch.load(work / ("unet_normals.pt" if normals else "unet.pt"))["ema"]
-    save_file({k: v.half().contiguous() for k, v in ema.items()},
-              str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+    shutil.copy(run / "model_index.json", tmp / "model_index.json")
+    for comp in ("feature_extractor", "image_encoder", "scheduler", "text_encoder", "tokenizer", "unet", "vae"):
+        shutil.copytree(run / comp, tmp / comp, ignore=shutil.ignore_patterns("*.safetensors"))
+        for f in (run / comp).glob("*.safetensors"):
+            save_file({k: v.astype(np.float16) for k, v in load_file(str(f)).items()}, str(tmp / comp / f.name))
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
-    log(f"export: {dst}")
+    log(f"export: {run} -> {dst}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["data", "vae", "unet", "normals", "export", "all"])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "toy")
-    ap.add_argument("--subjects", type=int, default=600)
+    ap.add_argument("--subjects", type=int, default=1200)
     ap.add_argument("--vae-steps", type=int, default=600)
     ap.add_argument("--vae-batch", type=int, default=8)
-    ap.add_argument("--unet-steps", type=int, default=1600)
-    ap.add_argument("--normal-steps", type=int, default=80)
+    ap.add_argument("--unet-steps", type=int, default=3000)
+    ap.add_argument("--normal-steps", type=int, default=150)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--ema", type=float, default=0.998)
     # One thread: on a shared, oversubscribed 2-core machine two OpenMP threads spin against each
     # other (measured 4-5x slower per step than one).
     ap.add_argument("--threads", type=int, default=1)
@@ -492,10 +382,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    global TEXT_DIR
-    TEXT_DIR = str(args.work / "encoders")
-    if not (args.work / "encoders" / "model_index.json").is_file():
-        build_encoders(args.work / "encoders")
     phases = ["data", "vae", "unet", "normals", "export"] if args.phase == "all" else [args.phase]
     for ph in phases:
         if ph == "data":
@@ -503,13 +389,12 @@ def main(argv=None) -> int:
         elif ph == "vae":
             phase_vae(args.work, args.vae_steps, args.vae_batch, 1e-3)
         elif ph == "unet":
-            phase_unet(args.work, args.unet_steps, args.batch, args.lr)
+            phase_unet(args.work, args)
         elif ph == "normals":
-            phase_normals(args.work, args.normal_steps, args.batch, args.lr / 3)
+            phase_normals(args.work, args)
         elif ph == "export":
-            export(args.work, args.out / "imagedream", normals=False)
-            if (args.work / "unet_normals.pt").is_file():
-                export(args.work, args.out / "imagedream-normals", normals=True)
+            export(args.work / "unet_run", args.out / "imagedream")
+            export(args.work / "normals_run", args.out / "imagedream-normals")
     return 0
 
 
