@@ -1,12 +1,13 @@
 """Novel-view quality of the shipped toy model on held-out toy heads, against baselines.
 
     python benchmarks/quality.py --subjects 8 --seed 2000000 [--json PATH] [--sweep] [--backends torch,mlx]
+        [--model DIR] [--plot PNG] [--views PNG]
 
 For each held-out subject (seeds ``S .. S+N-1``, outside ``toys.TRAIN_SEED_RANGE``) the front
-view is the input; the model generates the trained azimuths (90, 180, 270; 0 is the input's own
-view and is reported apart) and unseen ones (45, 135, 225), at the library's default settings
-(``DiffusionConfig()``: 50 DDIM steps, guidance 5). PSNR and SSIM against ``toys.render``'s
-ground truth. Baselines: the input copied to every view; the leave-one-out mean of the other
+view is the input; the model generates the input's own view (azimuth 0, scored apart under
+``input_view``) with the trained azimuths (90, 180, 270) or with unseen ones (45, 135, 225), at
+the library's default settings (``DiffusionConfig()``: 50 DDIM steps, guidance 5). PSNR and SSIM
+against ``toys.render``'s ground truth. Baselines: the input copied to every view; the leave-one-out mean of the other
 held-out subjects' ground truth at that camera; the same architecture with random weights.
 ``--sweep`` adds steps 10/25/50, guidance 1/3/5 and the upsampler (none, bilinear) on the first
 backend. Torch and MLX run side by side, with their largest per-pixel difference.
@@ -87,7 +88,7 @@ def run(args) -> dict:
              for g, cams in groups.items()}
     fronts = {s: truth["trained"][s][0] for s in seeds}
     report: dict = {"subjects": seeds, "settings": "DiffusionConfig() defaults (50 steps, guidance 5)",
-                    "results": {}}
+                    "results": {}, "input_view": {}}
 
     for g, cams in groups.items():
         base_copy, base_mean = [], []
@@ -102,18 +103,23 @@ def run(args) -> dict:
     def evaluate(label, pipe, config_kw=None, keep=None):
         for g, cams in groups.items():
             rows = []
+            fronts_out = []
             for s in seeds:
                 photo = Image.fromarray(to_uint8(fronts[s]))
-                out = pipe.generate(photo, cameras=cams, progress=False, **(config_kw or {}))
-                rows.append(metrics(out.images if out.images.shape[1] == size else _down(out.images, size),
-                                    truth[g][s][1:]))
+                # Azimuth 0 (the input's own view) is generated too, as with the default cameras:
+                # the model was trained on 4 views plus the reference; it is scored apart.
+                out = pipe.generate(photo, cameras=[CameraParams(0.0)] + cams, progress=False, **(config_kw or {}))
+                images = out.images if out.images.shape[1] == size else _down(out.images, size)
+                rows.append(metrics(images[1:], truth[g][s][1:]))
+                fronts_out.append(metrics(images[:1], truth[g][s][:1]))
                 if keep is not None:
-                    keep[(g, s)] = out.images
+                    keep[(g, s)] = images[1:]
             report["results"][f"{g}/{label}"] = summarise(rows)
+            report["input_view"][f"{g}/{label}"] = summarise(fronts_out)
             print(f"{g:8s} {label:32s} PSNR {report['results'][f'{g}/{label}']['psnr']:.2f} dB "
                   f"SSIM {report['results'][f'{g}/{label}']['ssim']:.3f}", flush=True)
 
-    model = toys.model_path()
+    model = args.model or toys.model_path()
     views = {}
     backends = [b for b in args.backends.split(",") if b]
     for b in backends:
@@ -126,6 +132,8 @@ def run(args) -> dict:
         a, c = backends
         report["max_abs_diff_torch_mlx"] = float(max(np.abs(views[a][k] - views[c][k]).max() for k in views[a]))
         print(f"largest per-pixel difference {a} vs {c}: {report['max_abs_diff_torch_mlx']:.4f}")
+    if args.views:
+        side_by_side(views, truth, seeds[0], args.views)
     rnd = random_model(model)
     evaluate("random weights", Pipeline.from_pretrained(rnd, backend=backends[0]))
     shutil.rmtree(rnd.parent, ignore_errors=True)
@@ -158,13 +166,60 @@ def print_table(report: dict) -> None:
             print(f"| {g} | {label} | {r['psnr']:.2f} | {r['ssim']:.3f} |")
 
 
+def side_by_side(views: dict, truth: dict, seed: int, path: Path) -> None:
+    """One subject's views: a row per backend, the ground truth below; the input on the left;
+    the trained azimuths, then the unseen ones."""
+    rows = [np.concatenate([views[b][("trained", seed)], views[b][("unseen", seed)]]) for b in views]
+    rows.append(np.concatenate([truth["trained"][seed][1:], truth["unseen"][seed][1:]]))
+    size = rows[0].shape[1]
+    sheet = np.full((len(rows) * size, (rows[0].shape[0] + 1) * size + 4, 3), 255, np.uint8)
+    sheet[:size, :size] = to_uint8(truth["trained"][seed][0])
+    for r, row in enumerate(rows):
+        for i, v in enumerate(row):
+            sheet[r * size:(r + 1) * size, size + 4 + i * size:size + 4 + (i + 1) * size] = to_uint8(v)
+    img = Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.NEAREST)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    img.save(tmp)
+    tmp.replace(path)
+
+
+def plot(report: dict, path: Path) -> None:
+    """PSNR per method, at the trained and the unseen azimuths (bars), one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [k.split("/", 1)[1] for k in report["results"] if k.startswith("trained/")]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(methods) + 1.2))
+    y = np.arange(len(methods))
+    for off, group, colour in ((-0.2, "trained", "tab:blue"), (0.2, "unseen", "tab:orange")):
+        vals = [report["results"].get(f"{group}/{m}", {}).get("psnr", np.nan) for m in methods]
+        ax.barh(y + off, vals, height=0.4, color=colour, label=f"{group} azimuths")
+    ax.set_yticks(y, methods)
+    ax.invert_yaxis()
+    ax.set_xlabel("novel-view PSNR (dB), higher is better")
+    ax.set_title(f"toy heads held out from training: {len(report['subjects'])} subjects, "
+                 f"seeds {report['subjects'][0]}..{report['subjects'][-1]}")
+    ax.legend(loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--subjects", type=int, default=8)
     ap.add_argument("--seed", type=int, default=toys.HELD_OUT_SEED + 1000)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--backends", default="torch,mlx")
+    ap.add_argument("--model", type=Path, default=None, help="a pipeline folder (default: toys.model_path())")
     ap.add_argument("--sweep", action="store_true", help="steps, guidance and upsampler on the first backend")
+    ap.add_argument("--plot", type=Path, default=None, help="write a bar chart of PSNR per method (PNG)")
+    ap.add_argument("--views", type=Path, default=None,
+                    help="write the first subject's views (a row per backend, ground truth below; PNG)")
     args = ap.parse_args(argv)
     if args.subjects < 2:
         raise SystemExit("--subjects must be >= 2 (the leave-one-out baseline needs others)")
@@ -175,6 +230,8 @@ def main(argv=None) -> int:
         tmp = args.json.with_suffix(".tmp")
         tmp.write_text(json.dumps(report, indent=2))
         tmp.replace(args.json)
+    if args.plot:
+        plot(report, args.plot)
     return 0
 
 
