@@ -130,7 +130,7 @@ def toy_demo(output, *, subject: int | None = None, backend: str = "auto", devic
 
 
 def toy_refine_demo(output, *, subject: int | None = None, backend: str = "auto", device: str | None = None,
-                    config=None, strength: float = 0.5, overwrite: bool = False, progress: bool = True, out=print):
+                    config=None, strength: float = 0.1, overwrite: bool = False, progress: bool = True, out=print):
     """Degrade (blur + noise) renders of a held-out toy head and refine them with the normal-conditioned
     toy model (``Pipeline.refine`` with the renders' normal maps); prints PSNR before and after."""
     from PIL import Image, ImageFilter
