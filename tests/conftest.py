@@ -17,13 +17,15 @@ _THREADS = os.environ.get("OXIGAF_TEST_THREADS", "1")
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, _THREADS)
 
-# The mlx[cpu] wheel for Linux bundles a reference BLAS, ~30x slower than an optimised one (a
-# 2048² matmul: 4.7 s against 0.16 s here; a 3x3 convolution of the e2e model 0.28 s against 0.03 s).
-# So the test run restarts itself once with a fast BLAS preloaded: Debian's OpenBLAS where it is
-# installed (libopenblas0-pthread), else the OpenBLAS inside scipy's wheel (a dev dependency), whose
-# symbols carry a "scipy_" prefix, behind a shim of two forwarding functions compiled with the
-# system C compiler. Results are the same to float32 rounding. A test-only speed-up: the package
-# never does this. OXIGAF_TEST_OPENBLAS=0 turns it off.
+# The mlx[cpu] wheel for Linux bundles a reference BLAS, ~10x slower than an optimised one (a 3x3
+# convolution of the e2e model: 0.28 s against 0.027 s). So the test run restarts itself once with
+# a fast BLAS preloaded for MLX: the OpenBLAS inside scipy's wheel (a dev dependency), whose symbols
+# carry a "scipy_" prefix, behind a shim of two forwarding functions (cblas_sgemm, cblas_dgemm)
+# compiled once with the system C compiler; else Debian's OpenBLAS where it is installed
+# (libopenblas0-pthread). The shim comes first because preloading Debian's whole BLAS also hands
+# torch its sgemm: a 2048x512x512 matmul took 0.41 s instead of 0.085 s, and the suite 7m26s
+# instead of 5m13s. Results are the same to float32 rounding. A test-only speed-up: the package
+# never does this. OXIGAF_TEST_OPENBLAS=0 turns it off, =debian picks Debian's OpenBLAS.
 _OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 _SHIM = r"""
 typedef int blasint;
@@ -83,7 +85,9 @@ def pytest_configure(config):
         and "mlx" not in sys.modules
     ):
         return
-    blas = _OPENBLAS if os.path.exists(_OPENBLAS) else _scipy_openblas_shim()
+    blas = None if os.environ.get("OXIGAF_TEST_OPENBLAS") == "debian" else _scipy_openblas_shim()
+    if blas is None and os.path.exists(_OPENBLAS):
+        blas = _OPENBLAS
     if blas is None or blas in os.environ.get("LD_PRELOAD", ""):
         return
     capture = config.pluginmanager.getplugin("capturemanager")

@@ -107,3 +107,46 @@ def test_model_path():
         path = toys.model_path(normals=normals)
         cfg = json.loads((path / "unet" / "config.json").read_text())
         assert cfg["in_channels"] == channels and (path / "model_index.json").is_file()
+
+
+# Held-out heads for the shipped model's check (the demo uses 1,000,000; the README's benchmark 2,000,000+).
+QUALITY_SEEDS = (1_500_000, 1_500_001, 1_500_002)
+
+
+@pytest.fixture(scope="module")
+def shipped_views():
+    """The shipped toy model's views of held-out heads at the library's default settings, per backend."""
+    from PIL import Image
+
+    from oxigaf import DiffusionConfig, Pipeline
+    from oxigaf.images import to_uint8
+
+    from conftest import BACKENDS
+
+    cams = default_cameras(4)
+    truth = {s: toys.render(s, cams, 64)[0] for s in QUALITY_SEEDS}
+    views = {}
+    for b in BACKENDS:
+        pipe = Pipeline.from_pretrained(toys.model_path(), backend=b, config=DiffusionConfig())
+        views[b] = {s: pipe.generate(Image.fromarray(to_uint8(truth[s][0])), cameras=cams, progress=False).images
+                    for s in QUALITY_SEEDS}
+    return truth, views
+
+
+def test_shipped_model_beats_copying_the_input(shipped_views):
+    # Novel views (azimuths 90, 180, 270) against the README's stronger baseline, the input copied
+    # to every view, by the issue's 1 dB bar. Measured on these heads: 20.21 dB against 15.05 dB
+    # (+5.17) on both backends; the previous epsilon-prediction model was 0.6 dB below copying.
+    truth, views = shipped_views
+    copy = np.mean([toys.psnr(truth[s][0], truth[s][i]) for s in QUALITY_SEEDS for i in (1, 2, 3)])
+    for b, per_subject in views.items():
+        model = np.mean([toys.psnr(per_subject[s][i], truth[s][i]) for s in QUALITY_SEEDS for i in (1, 2, 3)])
+        assert model >= copy + 1.0, (b, model, copy)
+
+
+def test_shipped_model_same_views_on_both_backends(shipped_views):
+    _, views = shipped_views
+    if len(views) < 2:
+        pytest.skip("needs both backends")
+    a, b = views.values()
+    assert max(np.abs(a[s] - b[s]).max() for s in QUALITY_SEEDS) <= 0.02  # measured 1.5e-5
