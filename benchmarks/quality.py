@@ -166,6 +166,15 @@ def print_table(report: dict) -> None:
             print(f"| {g} | {label} | {r['psnr']:.2f} | {r['ssim']:.3f} |")
 
 
+def write_atomically(path: Path, save) -> None:
+    """``save(tmp)`` into a temporary name beside ``path`` (same suffix, so image writers know the
+    format), then renamed over it: an interrupted run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    save(tmp)
+    tmp.replace(path)
+
+
 def side_by_side(views: dict, truth: dict, seed: int, path: Path) -> None:
     """One subject's views: a row per backend, the ground truth below; the input on the left;
     the trained azimuths, then the unseen ones."""
@@ -178,9 +187,7 @@ def side_by_side(views: dict, truth: dict, seed: int, path: Path) -> None:
         for i, v in enumerate(row):
             sheet[r * size:(r + 1) * size, size + 4 + i * size:size + 4 + (i + 1) * size] = to_uint8(v)
     img = Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    write_atomically(path, img.save)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -204,9 +211,7 @@ def plot(report: dict, path: Path) -> None:
     ax.legend(loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 def main(argv=None) -> int:
@@ -226,10 +231,7 @@ def main(argv=None) -> int:
     report = run(args)
     print_table(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(args.json)
+        write_atomically(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     if args.plot:
         plot(report, args.plot)
     return 0
