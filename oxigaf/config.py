@@ -76,7 +76,8 @@ class DiffusionConfig:
     - ``low_memory``: release the encoders after conditioning and the UNet before decoding.
     - ``vae_tile_size``: decode in tiles of this many pixels (0 = never tile).
     - ``compile``: compile the UNet's step (torch: ``torch.compile``, on CUDA with CUDA graphs,
-      mode "reduce-overhead"). The first steps are slow while it compiles; same numbers to 1e-4.
+      mode "reduce-overhead"; mlx: ``mx.compile``, which also fuses the guidance and the DDIM step
+      into one graph). The first steps are slow while it compiles; same numbers to 1e-4.
     """
 
     num_views: int = 4

@@ -147,6 +147,20 @@ def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
+def guide(eps, n: int, guidance):
+    """Classifier-free guidance: ``eps`` holds the unconditional rows, then the conditional ones
+    (2n in all); with n rows guidance is off (1.0) and ``eps`` is the answer."""
+    if eps.shape[0] == n:
+        return eps
+    return eps[:n] + guidance * (eps[n:] - eps[:n])
+
+
+def guided_ddim_update(eps, x, guidance, w_sample, w_output):
+    """``guide`` then a deterministic DDIM step (``DDIMScheduler.linear_weights``): all arrays,
+    so that a backend can compile it once for every step of a loop."""
+    return w_sample * x + w_output * guide(eps, x.shape[0], guidance)
+
+
 class Pipeline:
     """ImageDream / MVDream multi-view generation on any oxigaf backend.
 
@@ -499,12 +513,14 @@ class Pipeline:
         rest = {k: v for k, v in kw.items() if k not in ("context", "camera", "ip")}
         return {**rest, "cache": prepare(kw["context"], kw.get("camera"), kw["num_frames"], kw.get("ip"))}
 
-    def _guided_eps(self, x, t: int, inputs: dict, guidance: float, map_latents=None, attention=None):
+    def _guided_eps(self, x, t: int, inputs: dict, guidance: float, map_latents=None, attention=None, *,
+                    raw: bool = False):
         """The model's guided output at timestep ``t`` for latents x (items·frames, 4, h, w).
 
         Conditioning maps (normal latents) are concatenated after the latent's channels and stay in
         both guidance branches; the UNet puts the clean reference latent into the reference slot's
-        first channels, so that slot's input is [reference latent | the photo's map].
+        first channels, so that slot's input is [reference latent | the photo's map]. ``raw``: the
+        model's output as it is, both branches stacked (unconditional first) when guidance is on.
         """
         b = self.backend
         n = x.shape[0]
@@ -514,7 +530,7 @@ class Pipeline:
             model_in = b.concat([model_in, model_in])
         ts = b.asarray(np.full(model_in.shape[0], float(t), np.float32))
         eps = self._model("unet")(model_in, ts, attention=attention, **inputs)
-        return eps[:n] + guidance * (eps[n:] - eps[:n]) if cfg_on else eps
+        return eps if raw else guide(eps, n, guidance)
 
     def _denoise(self, x: np.ndarray, timesteps, inputs: dict, guidance: float, *, eta: float = 0.0,
                  seed: int = 0, map_latents=None, callback: Callable | None = None, progress: bool = True,
@@ -526,10 +542,19 @@ class Pipeline:
         x = b.asarray(x)
         rng = np.random.default_rng([seed, 1]) if eta > 0 else None
         total = len(timesteps)
+        # compile: guidance and a deterministic DDIM step as one compiled function of arrays (its
+        # weights are inputs, so one graph serves every step), where the backend compiles functions
+        fused = getattr(b, "compile_function", None) if cfg.compile and eta == 0 else None
+        fused = fused(guided_ddim_update) if fused is not None else None
         for i, t in enumerate(_progress(timesteps, "denoising", progress, total)):
-            eps = self._guided_eps(x, int(t), inputs, guidance, map_latents, attention)
-            step_noise = None if rng is None else b.asarray(rng.standard_normal(tuple(x.shape), dtype=np.float32))
-            x = self.scheduler.step(eps, int(t), x, eta=eta, noise=step_noise)
+            weights = self.scheduler.linear_weights(int(t)) if fused is not None else None
+            if weights is not None:
+                eps = self._guided_eps(x, int(t), inputs, guidance, map_latents, attention, raw=True)
+                x = fused(eps, x, *(b.asarray(np.float32(v)) for v in (guidance, *weights)))
+            else:
+                eps = self._guided_eps(x, int(t), inputs, guidance, map_latents, attention)
+                step_noise = None if rng is None else b.asarray(rng.standard_normal(tuple(x.shape), dtype=np.float32))
+                x = self.scheduler.step(eps, int(t), x, eta=eta, noise=step_noise)
             if not b.isfinite(x):
                 raise NumericsError(
                     f"NaN or Inf in the latents at denoising step {i + 1}/{total} (timestep {int(t)}) with dtype "

@@ -547,6 +547,33 @@ class DDIMScheduler(_Scheduler):
             prev = prev + std * noise
         return (prev, x0) if return_x0 else prev
 
+    def linear_weights(self, t: Any) -> tuple[float, float] | None:
+        """``(w_sample, w_output)`` with ``step(o, t, s) == w_sample·s + w_output·o`` for the
+        deterministic step (eta 0), or None where the step is not linear (thresholding, clipping).
+
+        The same step in two multiply-adds: what a compiled loop (``DiffusionConfig.compile``)
+        fuses with the guidance into one kernel. Equal to ``step`` up to float rounding.
+        """
+        cfg = self.config
+        if cfg.thresholding or cfg.clip_sample:
+            return None
+        n = self._require_timesteps()
+        t = self._check_t(t)
+        a_t, a_prev = self._alpha(t), self._alpha(t - cfg.num_train_timesteps // n)
+        b_t = 1.0 - a_t
+        # x0 = p·s + q·o and eps = r·s + u·o per prediction type; prev = √ᾱ_prev·x0 + √(1−ᾱ_prev)·eps
+        if cfg.prediction_type == "epsilon":
+            if a_t == 0.0:
+                return None  # step() names the problem
+            p, q, r, u = 1.0 / math.sqrt(a_t), -math.sqrt(b_t / a_t), 0.0, 1.0
+        elif cfg.prediction_type == "sample":
+            p, q = 0.0, 1.0
+            r, u = (1.0 / math.sqrt(b_t), -math.sqrt(a_t / b_t)) if b_t > 0.0 else (0.0, 0.0)
+        else:  # v_prediction
+            p, q, r, u = math.sqrt(a_t), -math.sqrt(b_t), math.sqrt(b_t), math.sqrt(a_t)
+        x0_weight, eps_weight = math.sqrt(a_prev), math.sqrt(max(1.0 - a_prev, 0.0))
+        return x0_weight * p + eps_weight * r, x0_weight * q + eps_weight * u
+
     def predicted_noise(self, model_output: Any, t: Any, sample: Any) -> Any:
         """The noise ε that ``model_output`` implies at timestep ``t`` under the configured prediction type."""
         t = self._check_t(t)

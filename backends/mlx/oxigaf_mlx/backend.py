@@ -78,6 +78,11 @@ class MLXBackend:
     def reset_peak_memory(self) -> None:
         mx.reset_peak_memory()
 
+    def compile_function(self, fn):
+        """``fn`` (arrays in, arrays out) through ``mx.compile``: one fused graph per input shape
+        (the pipeline's guided DDIM step, with ``DiffusionConfig.compile``)."""
+        return mx.compile(fn)
+
     # -- models ----------------------------------------------------------------------------
 
     def load_unet(self, folder, *, attention: str = "auto", dtype: str | None = None, **kw):
