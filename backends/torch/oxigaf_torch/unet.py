@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -390,8 +391,10 @@ class MultiViewUNet(nn.Module):
         self.ip_weight = c.ip_weight
         # activation layout; load_unet converts the convolution weights to match
         self.channels_last = False
-        # set by compile(): the compiled blocks of inference calls
+        # set by compile(): the compiled blocks of inference calls, and the weights' versions
+        # when a CPU graph froze them (None until its first call)
         self.compiled_body = None
+        self._freezing, self._frozen_versions = False, None
 
         emb_dim = c.model_channels * 4
         if c.ip_dim > 0:
@@ -512,7 +515,7 @@ class MultiViewUNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
 
-        if self.compiled_body is None or torch.is_grad_enabled():
+        if self.compiled_body is None or torch.is_grad_enabled() or self._weights_changed_since_frozen():
             return self._body(x, emb, context, num_frames, call).to(out_dtype).contiguous()
         # the compiler fuses on its own; the in-place fast path's pointer checks would break its graph
         call = dataclasses.replace(call, fast=False)
@@ -532,12 +535,34 @@ class MultiViewUNet(nn.Module):
 
     def compile(self, mode: str | None = None) -> MultiViewUNet:
         """Run the blocks of inference calls through ``torch.compile`` (shapes static; recompiled
-        when they change). ``mode`` None: "reduce-overhead" (CUDA graphs) on CUDA, the default
-        elsewhere. Calls with autograd on stay eager. Returns the model."""
-        if mode is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self.compiled_body = torch.compile(self._body, mode=mode, dynamic=False, fullgraph=True)
+        when they change). ``mode`` None: "reduce-overhead" (CUDA graphs) on CUDA; on the CPU
+        inductor's freezing, which folds the weights into the graph as constants, prepacked for
+        oneDNN's convolutions and MKL's GEMMs (measured: the real-shape step about 10 % faster
+        than eager, where plain inductor gained nothing). Frozen weights are those of the first
+        compiled call: if they change later, the model warns and runs eager from then on. Calls with
+        autograd on stay eager. Returns the model."""
+        if mode is None and self.device.type == "cuda":
+            mode = "reduce-overhead"
+        kw = {"options": {"freezing": True}} if mode is None and self.device.type == "cpu" else {"mode": mode}
+        self.compiled_body = torch.compile(self._body, dynamic=False, fullgraph=True, **kw)
+        self._freezing, self._frozen_versions = "options" in kw, None
         return self
+
+    def _weights_changed_since_frozen(self) -> bool:
+        """Whether a weight was replaced or written in place since a CPU graph froze them."""
+        if not self._freezing:
+            return False
+        versions = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._frozen_versions is None:
+            self._frozen_versions = versions  # this call freezes them
+            return False
+        if versions == self._frozen_versions:
+            return False
+        warnings.warn("the UNet's weights changed after its compiled graph froze them: it runs eager from "
+                      "now on; load the model again with compile=True for a graph of the new weights",
+                      stacklevel=3)
+        self.compiled_body = None
+        return True
 
     def prepare(self, context, camera=None, num_frames: int = 1, ip=None) -> UNetCache:
         """The step-invariant work of a call with these conditioning inputs (same shapes and rules
