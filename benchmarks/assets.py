@@ -1,7 +1,8 @@
 """Real-shape random checkpoints for the benchmarks, built once into a cache folder.
 
 ``manifests/`` holds the published ``config.json`` and ``keys.json`` (every tensor name and
-shape) of the four ImageDream components, copied from ``shared/checkpoints`` so the benchmarks
+shape) of the four ImageDream components and the two of the sd-x2 latent upscaler, copied
+from ``shared/checkpoints`` so the benchmarks
 run on a machine without the test fixtures. Weights (``random_weights``) are float16: matrices
 and convolution kernels normal with std 1/sqrt(fan_in), every 1-D ``weight`` (in these models
 always a normalisation scale, whatever its module is called: the LDM names say ``in_layers.0``)
@@ -13,6 +14,8 @@ The folder ``<cache>/imagedream`` is laid out as the published pipeline
 (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``image_encoder/``,
 ``scheduler/``, ``tokenizer/``, ``feature_extractor/``); the small files come from the demo
 model's data (its tokenizer is a stub vocabulary, which only changes which ids are looked up).
+``<cache>/upscaler`` is the upscaler's folder (``unet/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``), the small files again from the demo's.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ COMPONENTS = {
     "vae": ("sd21-vae", "diffusion_pytorch_model.safetensors", 1),
     "text_encoder": ("sd21-text-encoder", "model.safetensors", 2),
     "image_encoder": ("clip-vit-h14-vision", "model.safetensors", 3),
+    # stabilityai/sd-x2-latent-upscaler: its K-UNet and its CLIP ViT-L/14 text encoder
+    "upscaler/unet": ("sd-x2-latent-upscaler-unet", "diffusion_pytorch_model.safetensors", 4),
+    "upscaler/text_encoder": ("clip-vit-l14-text", "model.safetensors", 5),
 }
 
 
@@ -53,10 +59,14 @@ def model_root() -> Path:
     return cache_dir() / "imagedream"
 
 
+def _component_dir(name: str) -> Path:
+    return cache_dir() / name if name.startswith("upscaler/") else model_root() / name
+
+
 def component(name: str) -> Path:
     """The folder of one component (config.json + random weights), built on first use."""
     manifest, filename, seed = COMPONENTS[name]
-    dst = model_root() / name
+    dst = _component_dir(name)
     marker = dst / "BENCH_VERSION"
     if marker.is_file() and marker.read_text() == VERSION:
         return dst
@@ -78,9 +88,26 @@ def pipeline_folder() -> Path:
 
     root = model_root()
     for name in COMPONENTS:
-        component(name)
+        if not name.startswith("upscaler/"):
+            component(name)
     demo = DATA / "imagedream"
     for small in ("scheduler", "tokenizer", "feature_extractor"):
+        if not (root / small).is_dir():
+            shutil.copytree(demo / small, root / small)
+    if not (root / "model_index.json").is_file():
+        shutil.copy(demo / "model_index.json", root / "model_index.json")
+    return root
+
+
+def upscaler_folder() -> Path:
+    """The sd-x2 latent upscaler folder in the published layout (UNet and text encoder built)."""
+    from oxigaf.demo import DATA
+
+    root = cache_dir() / "upscaler"
+    component("upscaler/unet")
+    component("upscaler/text_encoder")
+    demo = DATA / "upscaler"
+    for small in ("scheduler", "tokenizer"):
         if not (root / small).is_dir():
             shutil.copytree(demo / small, root / small)
     if not (root / "model_index.json").is_file():

@@ -332,9 +332,15 @@ def unet_step(spec: dict):
     except ImportError as exc:
         base_note = f"baseline not run: {exc}"
 
-    warm = {k: fn() for k, fn in variants.items()}  # first calls: kernel selection, allocator
+    warm, first = {}, {}
+    for k, fn in variants.items():  # first calls: kernel selection, allocator; compiling
+        start = time.perf_counter()
+        warm[k] = fn()
+        first[k] = time.perf_counter() - start
     eps = {dt: _to_numpy(b, warm[f"ours:{dt}"]) for dt in dtypes}
     del warm
+    # compiled rows: how far the compiled graph's output is from the same model run eager
+    eager_eps = {dt: _eager_output(b, ours[dt], ours_fn(dt)) for dt in dtypes} if spec.get("compiled") else {}
     gc.collect()
     rounds = spec.get("rounds", 3)
     times = _alternate(variants, rounds, b.name)
@@ -350,11 +356,29 @@ def unet_step(spec: dict):
             r["ratio_vs_float32_baseline"] = r["seconds"] / med["base:float32"]
         if dt != "float32" and "float32" in eps:
             r["eps_rel_l2_vs_float32"] = _rel_l2(eps[dt], eps["float32"])
+        if dt in eager_eps:
+            r["first_call_seconds"] = first[f"ours:{dt}"]
+            r["eps_rel_l2_vs_eager"] = _rel_l2(eps[dt], eager_eps[dt])
         if base_note:
             r["note"] = base_note
         if b.name == "mlx":
             r["baseline_backend"] = "torch"
         yield r
+
+
+def _eager_output(b, unet, run) -> np.ndarray:
+    """``run()``'s output with the compiled graph of ``unet`` set aside (the same weights)."""
+    if b.name == "torch":
+        body, unet.compiled_body = unet.compiled_body, None
+        try:
+            return _to_numpy(b, run())
+        finally:
+            unet.compiled_body = body
+    unet.compiled = False
+    try:
+        return _to_numpy(b, run())
+    finally:
+        unet.compiled = True
 
 
 def _prepare(b, unet, kw: dict):
@@ -404,6 +428,29 @@ def ddim_step(spec: dict):
         device = b.describe()
         sync = b.sync
     variants = {"ours": ours}
+    if spec["backend"] != "numpy":
+        # what the loop does per step: guidance over both branches (2x the frames), then the step;
+        # compiled: the one function of the compiled loop (DiffusionConfig.compile), where the
+        # backend compiles functions
+        from oxigaf.pipeline import guide, guided_ddim_update
+
+        eps2 = b.randn((2 * shape[0],) + shape[1:], "float32", 2)
+
+        def ours_guided():
+            out = sched.step(guide(eps2, shape[0], 5.0), t, x)
+            b.sync(out)
+            return out
+        variants["guided"] = ours_guided
+        compile_function = getattr(b.backend, "compile_function", None)
+        if compile_function is not None:
+            fused = compile_function(guided_ddim_update)
+            scalars = [b.backend.asarray(np.float32(v)) for v in (5.0, *sched.linear_weights(t))]
+
+            def ours_compiled():
+                out = fused(eps2, x, *scalars)
+                b.sync(out)
+                return out
+            variants["guided_compiled"] = ours_compiled
     try:
         import torch
         from diffusers import DDIMScheduler as Reference
@@ -415,6 +462,11 @@ def ddim_step(spec: dict):
         def base():
             return ref.step(te, t, tx).prev_sample
         variants["base"] = base
+        te2 = torch.randn((2 * shape[0],) + shape[1:])
+
+        def base_guided():
+            return ref.step(te2[:shape[0]] + 5.0 * (te2[shape[0]:] - te2[:shape[0]]), t, tx).prev_sample
+        variants["base_guided"] = base_guided
     except ImportError:
         pass
     for fn in variants.values():
@@ -426,12 +478,17 @@ def ddim_step(spec: dict):
             fn()
             times[k].append(time.perf_counter() - t0)
     del sync
-    r = {"dtype": "float32", "shape": list(shape), "seconds": _median(times["ours"]), "runs": reps, "device": device}
-    if "base" in times:
-        r["baseline_seconds"] = _median(times["base"])
-        r["ratio"] = r["seconds"] / r["baseline_seconds"]
-        r["baseline_backend"] = "torch-cpu (diffusers)"
-    yield r
+    for name, base, guided, compiled in (("ours", "base", False, False), ("guided", "base_guided", True, False),
+                                         ("guided_compiled", "base_guided", True, True)):
+        if name not in times:
+            continue
+        r = {"dtype": "float32", "shape": list(shape), "guided": guided, "compiled": compiled,
+             "seconds": _median(times[name]), "runs": reps, "device": device}
+        if base in times:
+            r["baseline_seconds"] = _median(times[base])
+            r["ratio"] = r["seconds"] / r["baseline_seconds"]
+            r["baseline_backend"] = "torch-cpu (diffusers)"
+        yield r
 
 
 # --------------------------------------------------------------------------- VAE decode
@@ -532,6 +589,32 @@ def pipeline(spec: dict):
     if peak:
         r["backend_peak_bytes"] = int(peak)
     yield r
+
+
+def pipeline_512(spec: dict):
+    """The whole path at 512 px: 4 views at 256 px (``steps`` DDIM steps, CFG 5), the real-shape
+    sd-x2 latent upsampler (``upsampler_steps`` Euler steps, GAF's 10), the VAE at 512 px."""
+    import assets
+
+    from oxigaf import DiffusionConfig, Pipeline
+    from oxigaf.demo import bundled_portrait
+
+    b = make_backend(spec["backend"], spec.get("device"))
+    steps, dtype = spec["steps"], spec["dtype"]
+    config = DiffusionConfig(num_inference_steps=steps, dtype=dtype, upsampler_steps=spec["upsampler_steps"])
+    t0 = time.perf_counter()
+    pipe = Pipeline(assets.pipeline_folder(), backend=b.backend, config=config, upsampler=assets.upscaler_folder())
+    load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = pipe.generate(bundled_portrait(), output_size=2 * pipe.native_size, progress=False, seed=0)
+    total = time.perf_counter() - t0
+    stages = {k: float(v) for k, v in out.timings.items()}
+    yield {"dtype": dtype, "steps": steps, "upsampler_steps": spec["upsampler_steps"], "views": len(out.views),
+           "size": out.views[0].size[0], "seconds": total, "load_seconds": load, "stages": stages,
+           "seconds_per_step": stages.get("denoising", 0.0) / steps,
+           "seconds_50_steps_estimate": total + (50 - steps) * stages.get("denoising", 0.0) / steps,
+           "peak_rss_bytes": peak_rss_bytes(), "device": b.describe(),
+           "finite": bool(np.isfinite(out.images).all())}
 
 
 def refine(spec: dict):
@@ -675,7 +758,7 @@ def train_step(spec: dict):
 
 
 CASES = {"attention": attention, "unet_step": unet_step, "ddim_step": ddim_step, "vae_decode": vae_decode,
-         "pipeline": pipeline, "refine": refine, "train_step": train_step}
+         "pipeline": pipeline, "pipeline_512": pipeline_512, "refine": refine, "train_step": train_step}
 
 
 def run_case(spec: dict):

@@ -46,7 +46,8 @@ def _add_generation_args(p: argparse.ArgumentParser, *, model_default: str | Non
     p.add_argument("--size", type=int, default=None, help="output size: 256, or 512 with an upsampler")
     p.add_argument("--attention", default="auto", choices=ATTENTION_MODES)
     p.add_argument("--low-memory", action="store_true", help="release models as soon as they are no longer needed")
-    p.add_argument("--compile", action="store_true", help="compile the UNet step (torch.compile; slow first steps)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the UNet step (torch.compile; mx.compile, with the guided DDIM step)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
