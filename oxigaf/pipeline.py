@@ -544,8 +544,8 @@ class Pipeline:
         total = len(timesteps)
         # compile: guidance and a deterministic DDIM step as one compiled function of arrays (its
         # weights are inputs, so one graph serves every step), where the backend compiles functions
-        fused = getattr(b, "compile_function", None) if cfg.compile and eta == 0 else None
-        fused = fused(guided_ddim_update) if fused is not None else None
+        compile_function = getattr(b, "compile_function", None) if cfg.compile and eta == 0 else None
+        fused = compile_function(guided_ddim_update) if compile_function is not None else None
         for i, t in enumerate(_progress(timesteps, "denoising", progress, total)):
             weights = self.scheduler.linear_weights(int(t)) if fused is not None else None
             if weights is not None:
