@@ -137,7 +137,7 @@ def plan(args) -> list[dict]:
                                               "(minutes per call with its reference BLAS)"
                     if compiled and backend == "torch" and not gpu:
                         # a process per dtype: the frozen graph holds a second copy of the weights
-                        # (inductor's freezing), which would not fit beside both baselines in 24 GB
+                        # (inductor's freezing), so a process holds one dtype's models only
                         specs += [{**spec, "dtype": dt, "dtypes": [dt]} for dt in spec["dtypes"]]
                         continue
                     specs.append(spec)
