@@ -34,16 +34,22 @@ MANIFESTS = HERE / "manifests"
 # Bump when the manifests or the weight recipe change, so stale caches are rebuilt.
 VERSION = "2"
 
-# component folder -> (manifest, weight file name, seed)
-COMPONENTS = {
-    "unet": ("imagedream-unet", "diffusion_pytorch_model.safetensors", 0),
-    "vae": ("sd21-vae", "diffusion_pytorch_model.safetensors", 1),
-    "text_encoder": ("sd21-text-encoder", "model.safetensors", 2),
-    "image_encoder": ("clip-vit-h14-vision", "model.safetensors", 3),
+# model folder -> component folder -> (manifest, weight file name, seed)
+MODELS = {
+    "imagedream": {
+        "unet": ("imagedream-unet", "diffusion_pytorch_model.safetensors", 0),
+        "vae": ("sd21-vae", "diffusion_pytorch_model.safetensors", 1),
+        "text_encoder": ("sd21-text-encoder", "model.safetensors", 2),
+        "image_encoder": ("clip-vit-h14-vision", "model.safetensors", 3),
+    },
     # stabilityai/sd-x2-latent-upscaler: its K-UNet and its CLIP ViT-L/14 text encoder
-    "upscaler/unet": ("sd-x2-latent-upscaler-unet", "diffusion_pytorch_model.safetensors", 4),
-    "upscaler/text_encoder": ("clip-vit-l14-text", "model.safetensors", 5),
+    "upscaler": {
+        "unet": ("sd-x2-latent-upscaler-unet", "diffusion_pytorch_model.safetensors", 4),
+        "text_encoder": ("clip-vit-l14-text", "model.safetensors", 5),
+    },
 }
+# the small files each model folder takes from the demo model's data of the same name
+SMALL_FOLDERS = {"imagedream": ("scheduler", "tokenizer", "feature_extractor"), "upscaler": ("scheduler", "tokenizer")}
 
 
 def random_weights(shapes: dict[str, list[int]], seed: int) -> dict[str, np.ndarray]:
@@ -59,14 +65,10 @@ def model_root() -> Path:
     return cache_dir() / "imagedream"
 
 
-def _component_dir(name: str) -> Path:
-    return cache_dir() / name if name.startswith("upscaler/") else model_root() / name
-
-
-def component(name: str) -> Path:
+def component(name: str, model: str = "imagedream") -> Path:
     """The folder of one component (config.json + random weights), built on first use."""
-    manifest, filename, seed = COMPONENTS[name]
-    dst = _component_dir(name)
+    manifest, filename, seed = MODELS[model][name]
+    dst = cache_dir() / model / name
     marker = dst / "BENCH_VERSION"
     if marker.is_file() and marker.read_text() == VERSION:
         return dst
@@ -82,37 +84,31 @@ def component(name: str) -> Path:
     return dst
 
 
-def pipeline_folder() -> Path:
-    """The whole ImageDream folder in the published layout (every component built)."""
+def model_folder(model: str) -> Path:
+    """A whole model folder in its published layout: every component built, the small files
+    (scheduler, tokenizer, ..., model_index.json) copied from the demo model's data."""
     from oxigaf.demo import DATA
 
-    root = model_root()
-    for name in COMPONENTS:
-        if not name.startswith("upscaler/"):
-            component(name)
-    demo = DATA / "imagedream"
-    for small in ("scheduler", "tokenizer", "feature_extractor"):
+    root = cache_dir() / model
+    for name in MODELS[model]:
+        component(name, model)
+    demo = DATA / model
+    for small in SMALL_FOLDERS[model]:
         if not (root / small).is_dir():
             shutil.copytree(demo / small, root / small)
     if not (root / "model_index.json").is_file():
         shutil.copy(demo / "model_index.json", root / "model_index.json")
     return root
+
+
+def pipeline_folder() -> Path:
+    """The whole ImageDream folder."""
+    return model_folder("imagedream")
 
 
 def upscaler_folder() -> Path:
-    """The sd-x2 latent upscaler folder in the published layout (UNet and text encoder built)."""
-    from oxigaf.demo import DATA
-
-    root = cache_dir() / "upscaler"
-    component("upscaler/unet")
-    component("upscaler/text_encoder")
-    demo = DATA / "upscaler"
-    for small in ("scheduler", "tokenizer"):
-        if not (root / small).is_dir():
-            shutil.copytree(demo / small, root / small)
-    if not (root / "model_index.json").is_file():
-        shutil.copy(demo / "model_index.json", root / "model_index.json")
-    return root
+    """The sd-x2 latent upscaler folder (UNet and text encoder)."""
+    return model_folder("upscaler")
 
 
 if __name__ == "__main__":
