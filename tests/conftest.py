@@ -130,6 +130,17 @@ def _importable(name: str) -> bool:
 BACKENDS = [b for b in ("torch", "mlx") if _importable(b)]
 
 
+@pytest.fixture(scope="module")
+def toy_photo():
+    """The front view of a held-out toy head (1,000,003), the photo of tests on the shipped toy model."""
+    from PIL import Image
+
+    from oxigaf import toys
+    from oxigaf.images import to_uint8
+
+    return Image.fromarray(to_uint8(toys.render(1_000_003, [0.0], 64)[0][0]))
+
+
 @pytest.fixture(params=BACKENDS)
 def backend_name(request) -> str:
     return request.param

@@ -151,20 +151,16 @@ def test_mlx_compiled_guided_step_equals_guidance_then_step():
 
 
 @pytest.mark.parametrize("guidance, eta", [(5.0, 0.0), (1.0, 0.0), (5.0, 0.5)])
-def test_compiled_loop_gives_the_eager_views(guidance, eta, monkeypatch):
+def test_compiled_loop_gives_the_eager_views(guidance, eta, toy_photo, monkeypatch):
     # The loop's fused path (guidance + linear DDIM step in one function), on the shipped toy model:
     # the backend's compile_function where it has one (mlx), else the plain function. The UNet stays
     # the eager one already loaded, so the loop is what is compared.
-    from PIL import Image
-
     from oxigaf import Pipeline, toys
-    from oxigaf.images import to_uint8
 
     backend = "mlx" if importlib.util.find_spec("mlx") is not None else "torch"
     pipe = Pipeline.from_pretrained(toys.model_path(), backend=backend)
-    photo = Image.fromarray(to_uint8(toys.render(1_000_003, [0.0], 64)[0][0]))
     kw = dict(num_inference_steps=4, guidance_scale=guidance, eta=eta, seed=5, progress=False)
-    eager = pipe.generate(photo, **kw)
+    eager = pipe.generate(toy_photo, **kw)
     calls = []
     compile_function = getattr(pipe.backend, "compile_function", lambda fn: fn)
 
@@ -174,7 +170,7 @@ def test_compiled_loop_gives_the_eager_views(guidance, eta, monkeypatch):
 
     monkeypatch.setattr(pipe.backend, "compile_function", counted, raising=False)
     pipe.config = pipe.config.replace(compile=True)
-    fused = pipe.generate(photo, **kw)
+    fused = pipe.generate(toy_photo, **kw)
     assert len(calls) == (4 if eta == 0 else 0)  # eta > 0 draws noise: the general step
     assert rel_l2(fused.latents, eager.latents) <= 1e-5
     assert np.abs(fused.images - eager.images).max() <= 1e-4

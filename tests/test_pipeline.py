@@ -101,16 +101,6 @@ def toy():
     return Pipeline.from_pretrained(toys.model_path(), backend=BACKENDS[0])
 
 
-@pytest.fixture(scope="module")
-def toy_photo():
-    from PIL import Image
-
-    from oxigaf import toys
-    from oxigaf.images import to_uint8
-
-    return Image.fromarray(to_uint8(toys.render(1_000_003, [0.0], 64)[0][0]))
-
-
 def test_latents_without_reference_slot(toy, toy_photo):
     # The reference slot only ever holds noise: leaving it out changes nothing.
     noise = np.random.default_rng(0).standard_normal((5, 4, 8, 8), dtype=np.float32)
