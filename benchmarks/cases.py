@@ -343,6 +343,9 @@ def unet_step(spec: dict):
     del warm
     # compiled rows: how far the compiled graph's output is from the same model run eager
     eager_eps = {dt: _eager_output(b, ours[dt], ours_fn(dt)) for dt in dtypes} if spec.get("compiled") else {}
+    # rows with Winograd convolutions: how far they are from the same model's direct ones
+    winograd = {dt: _uses_winograd(b, ours[dt]) and not spec.get("compiled") for dt in dtypes}
+    direct_eps = {dt: _direct_output(ours[dt], ours_fn(dt)) for dt in dtypes if winograd[dt]}
     gc.collect()
     rounds = spec.get("rounds", 3)
     times = _alternate(variants, rounds, b.name)
@@ -361,6 +364,10 @@ def unet_step(spec: dict):
         if dt in eager_eps:
             r["first_call_seconds"] = first[f"ours:{dt}"]
             r["eps_rel_l2_vs_eager"] = _rel_l2(eps[dt], eager_eps[dt])
+        if b.name == "torch":
+            r["winograd"] = winograd[dt]
+        if dt in direct_eps:
+            r["eps_rel_l2_vs_direct"] = _rel_l2(eps[dt], direct_eps[dt])
         if base_note:
             r["note"] = base_note
         elif attention != "auto":
@@ -383,6 +390,27 @@ def _eager_output(b, unet, run) -> np.ndarray:
         return _to_numpy(b, run())
     finally:
         unet.compiled = True
+
+
+def _uses_winograd(b, unet) -> bool:
+    """Whether a torch model runs Winograd convolutions: switched on and wide enough for them
+    (an eager call: a compiled graph has the direct ones)."""
+    if b.name != "torch":
+        return False
+    from oxigaf_torch import winograd
+
+    return any(m.winograd for m in winograd.wide_layers(unet))
+
+
+def _direct_output(unet, run) -> np.ndarray:
+    """``run()``'s output with ``unet``'s Winograd convolutions switched off (torch)."""
+    from oxigaf_torch import winograd
+
+    winograd.enable(unet, False)
+    try:
+        return np.asarray(run().float().cpu().numpy())
+    finally:
+        winograd.enable(unet, True)
 
 
 def _prepare(b, unet, kw: dict):

@@ -101,6 +101,23 @@ def _on_gpu(backend: str) -> bool:
     return False
 
 
+NO_BF16 = ("this CPU has no AVX-512 (AVX2 only), so torch has no fast bfloat16 path here: a bfloat16 "
+           "matmul (10240x320 @ 320x1280) took 6.6 s against 0.066 s in float32")
+
+
+def _cpu_bfloat16() -> bool:
+    """Whether torch's CPU kernels have a bfloat16 path worth timing: on x86, AVX-512 (native
+    with AVX512_BF16 or AMX, by conversion otherwise); elsewhere assumed."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return True
+    return "avx512f" in flags or "amx_bf16" in flags
+
+
 def plan(args) -> list[dict]:
     """Every case of the run, in order; a case with ``skipped`` is reported, not run."""
     import cases
@@ -135,6 +152,9 @@ def plan(args) -> list[dict]:
                         if slow and quick and model == "imagedream":
                             spec["skipped"] = "full-size UNet step not run on mlx's CPU backend in --quick " \
                                               "(minutes per call with its reference BLAS)"
+                    if backend == "torch" and not gpu and not _cpu_bfloat16():
+                        specs.append({**spec, "dtype": "bfloat16", "dtypes": ["bfloat16"], "skipped": NO_BF16})
+                        spec.update(dtypes=["float32"], dtype="float32")
                     if compiled and backend == "torch" and not gpu:
                         # a process per dtype: the frozen graph holds a second copy of the weights
                         # (inductor's freezing), so a process holds one dtype's models only
@@ -321,12 +341,15 @@ def table(results: list[dict]) -> str:
              _fmt_r(r.get("ratio_vs_float32_baseline")),
              "-" if r.get("eps_rel_l2_vs_float32") is None else f"{r['eps_rel_l2_vs_float32']:.2e}",
              _fmt_s(r.get("first_call_seconds")),
-             "-" if r.get("eps_rel_l2_vs_eager") is None else f"{r['eps_rel_l2_vs_eager']:.2e}", note(r)]
+             "-" if r.get("eps_rel_l2_vs_eager") is None else f"{r['eps_rel_l2_vs_eager']:.2e}",
+             {True: "yes", False: "no"}.get(r.get("winograd"), "-"),
+             "-" if r.get("eps_rel_l2_vs_direct") is None else f"{r['eps_rel_l2_vs_direct']:.2e}", note(r)]
             for r in results if r["bench"] == "unet_step"]
     section("unet_step (10 frames = (4 views + reference) x CFG, 32x32 latents, prepared conditioning; model "
             "imagedream: real shape, demo: the demo model's shape, each against its diffusers stand-in)",
             ["backend", "model", "compiled", "dtype", "seconds", "baseline (same dtype)", "ratio", "baseline float32",
-             "ratio vs f32", "eps rel L2 vs f32", "first call (compiling)", "eps rel L2 vs eager", "note"], rows)
+             "ratio vs f32", "eps rel L2 vs f32", "first call (compiling)", "eps rel L2 vs eager", "winograd",
+             "eps rel L2 vs direct conv", "note"], rows)
     rows = [[r["backend"], "yes" if r.get("guided") else "no", "yes" if r.get("compiled") else "no",
              _fmt_s(r.get("seconds")), _fmt_s(r.get("baseline_seconds")), _fmt_r(r.get("ratio")),
              note(r)] for r in results if r["bench"] == "ddim_step"]

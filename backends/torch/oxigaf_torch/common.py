@@ -15,6 +15,9 @@ from oxigaf.checkpoints import check_state
 from oxigaf.config import check_attention
 from oxigaf.errors import InputError
 
+from . import winograd
+from .winograd import Conv2d
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -45,14 +48,20 @@ def load_weights(module: nn.Module, state: Mapping[str, np.ndarray], where: str,
 
 
 def load_model(build: Callable[[], nn.Module], state: Mapping[str, np.ndarray], where: str, *, dtype: str,
-               device: str | torch.device, attention: str, chunk_size: int) -> nn.Module:
+               device: str | torch.device, attention: str, chunk_size: int,
+               winograd_conv: bool | None = None) -> nn.Module:
     """``build()`` on the meta device, ``state`` loaded into it strictly (``load_weights``), and
-    its call-time attention defaults set."""
+    its call-time defaults set: attention, and Winograd convolutions (``winograd.Conv2d``; None:
+    on for float32 on the CPU, where they are faster), resolved into ``model.winograd_conv``."""
     with torch.device("meta"):
         model = build()
     load_weights(model, state, where, dtype=torch_dtype(dtype), device=device)
     model.attention = attention
     model.chunk_size = chunk_size
+    if winograd_conv is None:
+        winograd_conv = torch_dtype(dtype) == torch.float32 and torch.device(device).type == "cpu"
+    model.winograd_conv = bool(winograd_conv)
+    winograd.enable(model, model.winograd_conv)
     return model
 
 
@@ -145,7 +154,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))

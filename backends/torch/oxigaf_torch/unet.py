@@ -14,7 +14,9 @@ resampler pass and one set of cross-attention keys and values, their queries att
 together; GroupNorm + SiLU is one float32 buffer and in-place SiLU, residual adds and GEGLU
 work in place on fresh intermediates, LayerNorm reads half precision directly; in float16 and
 bfloat16 the activations are channels-last (oneDNN's bfloat16 convolutions are about 2x faster
-in it, and the transformers' token layout becomes a free view). benchmarks/ measures it.
+in it, and the transformers' token layout becomes a free view); in float32 on the CPU the wide
+3x3 convolutions run as Winograd F(4x4, 3x3) (``winograd``), on channels-last activations too.
+benchmarks/ measures it.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from oxigaf.checkpoints import load_state
 from oxigaf.config import UNET_NORM_GROUPS, UNetConfig, check_load_options
 from oxigaf.errors import InputError
 
-from . import common
+from . import common, winograd
 from .common import GroupNorm32, LayerNorm32, Upsample, merge_heads, split_heads, timestep_embedding
 from .common import attention as scaled_attention
+from .winograd import Conv2d
 
 # The reference hard-codes the IP-Adapter-Plus resampler's geometry (only its query count,
 # ``ip_dim``, and its width, ``context_dim``, come from the config).
@@ -272,15 +275,15 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.in_layers = nn.Sequential(
-            GroupNorm32(UNET_NORM_GROUPS, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(UNET_NORM_GROUPS, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # out_layers.2 is the reference's Dropout slot
         self.out_layers = nn.Sequential(
             GroupNorm32(UNET_NORM_GROUPS, out_channels), nn.SiLU(), nn.Identity(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.skip_connection = nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, call: _Call | None = None) -> torch.Tensor:
         h = self.in_layers[2](norm_act(self.in_layers[0], x, True, call))
@@ -292,7 +295,7 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -412,7 +415,7 @@ class MultiViewUNet(nn.Module):
             return SpatialTransformer3D(ch, heads, dim_head, c.context_dim, c.transformer_depth, c.ip_dim)
 
         ch = c.model_channels
-        self.input_blocks = nn.ModuleList([CondSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([CondSequential(Conv2d(c.in_channels, ch, 3, padding=1))])
         skip_channels = [ch]
         ds = 1
         for level, mult in enumerate(c.channel_mult):
@@ -443,7 +446,7 @@ class MultiViewUNet(nn.Module):
                 self.output_blocks.append(CondSequential(*layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(UNET_NORM_GROUPS, ch), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
+            GroupNorm32(UNET_NORM_GROUPS, ch), nn.SiLU(), Conv2d(c.model_channels, c.out_channels, 3, padding=1)
         )
 
     # -- helpers ---------------------------------------------------------------------------
@@ -637,22 +640,30 @@ def _same_in_groups(t: torch.Tensor, num_frames: int) -> bool:
 
 def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
               attention: str = "auto", chunk_size: int = 1024, channels_last: bool | None = None,
-              compile: bool = False) -> MultiViewUNet:
+              compile: bool = False, winograd_conv: bool | None = None) -> MultiViewUNet:
     """Build the UNet described by ``folder/config.json`` and load its weights strictly.
 
     ``dtype`` is the compute dtype (float32, float16 or bfloat16; files may hold any of them);
     ``attention`` the default mode (auto | sdpa | chunked | naive), ``chunk_size`` the query
     block of the chunked mode; ``channels_last`` the activation layout inside the model (the
-    interface stays NCHW either way). By default it is channels-last in float16 and bfloat16,
-    where oneDNN's and cuDNN's convolutions are fastest in it (about 2x on an AMX CPU), and NCHW
-    in float32, where oneDNN's blocked NCHW convolutions beat its channels-last ones on the CPU.
-    ``compile``: ``model.compile()`` (torch.compile of the inference step).
+    interface stays NCHW either way). ``winograd_conv``: the wide 3x3 convolutions of inference
+    calls as Winograd F(4x4, 3x3) (``winograd.Conv2d``; 0.3-0.6x oneDNN's time per layer, 3e-6
+    relative error); by default on for float32 on the CPU. Activations are channels-last by
+    default in float16 and bfloat16, where oneDNN's and cuDNN's convolutions are fastest in it
+    (about 2x on an AMX CPU), and with Winograd convolutions in a model wide enough for them
+    (their tile gathers read whole channel rows in it); NCHW otherwise (float32 on CUDA, with
+    ``winograd_conv=False``, or a narrow model such as the demo's).
+    ``compile``: ``model.compile()`` (torch.compile of the inference step; the compiled graph
+    has the direct convolutions).
     """
     check_load_options(dtype, attention, chunk_size)
     config = UNetConfig.from_folder(folder)
     model = common.load_model(lambda: MultiViewUNet(config), load_state(folder), str(folder), dtype=dtype,
-                              device=device, attention=attention, chunk_size=chunk_size)
-    model.channels_last = dtype != "float32" if channels_last is None else bool(channels_last)
+                              device=device, attention=attention, chunk_size=chunk_size, winograd_conv=winograd_conv)
+    if channels_last is None:
+        channels_last = dtype != "float32" or (model.winograd_conv and bool(winograd.wide_layers(model)))
+    model.channels_last = bool(channels_last)
     if model.channels_last:
         model.to(memory_format=torch.channels_last)
+        winograd.enable(model, model.winograd_conv)  # its kernels back in the layout it reads
     return model.compile() if compile else model

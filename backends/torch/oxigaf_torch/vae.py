@@ -27,7 +27,7 @@ from oxigaf.config import VAEConfig, check_load_options
 from oxigaf.errors import ConfigError, InputError, ModelLoadError
 
 from . import common
-from .common import GroupNorm32, ResnetSkeleton, Upsample, attention
+from .common import Conv2d, GroupNorm32, ResnetSkeleton, Upsample, attention
 
 EPS = 1e-6
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -46,10 +46,10 @@ class ResnetBlock2D(ResnetSkeleton):
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
         self.norm1 = GroupNorm32(groups, cin, eps=EPS)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.norm2 = GroupNorm32(groups, cout, eps=EPS)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
         self.act = F.silu  # a function, not a module: the module tree stays the checkpoint's
 
 
@@ -89,7 +89,7 @@ class MidBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x):
         # Pad right and bottom only: the reference's asymmetric "same" for stride 2.
@@ -124,7 +124,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
             DownEncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, downsample=i < len(ch) - 1)
             for i in range(len(ch))
@@ -132,7 +132,7 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
         self.conv_norm_out = GroupNorm32(g, ch[-1], eps=EPS)
         # Mean and log-variance: twice the latent channels.
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x, mode: str, chunk_size: int):
         x = self.conv_in(x)
@@ -146,7 +146,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
         # One more resnet per block than the encoder has.
         self.up_blocks = nn.ModuleList([
@@ -154,7 +154,7 @@ class Decoder(nn.Module):
             for i in range(len(ch))
         ])
         self.conv_norm_out = GroupNorm32(g, ch[-1], eps=EPS)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z, mode: str, chunk_size: int):
         return self.tail(self.trunk(z, mode, chunk_size))
@@ -234,8 +234,8 @@ class VAE(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         c = config.latent_channels
-        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
+        self.post_quant_conv = Conv2d(c, c, 1) if config.use_post_quant_conv else None
         self.attention = "auto"
         self.chunk_size = 1024
         self.tile_size = 0
@@ -345,19 +345,21 @@ def read_vae_state(folder) -> dict[str, np.ndarray]:
 
 def load_vae(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
              tile_size: int = 0, tile_overlap: int | None = None, attention: str = "auto",
-             chunk_size: int = 1024) -> VAE:
+             chunk_size: int = 1024, winograd_conv: bool | None = None) -> VAE:
     """Build the VAE described by ``folder/config.json`` and load its weights strictly.
 
     ``dtype``: float32 (default; the SD VAE overflows in float16), float16 or bfloat16.
     ``tile_size`` / ``tile_overlap``: default decode tiling in pixels (see ``VAE``); 0 = never.
     ``attention`` / ``chunk_size``: mode of the mid-block attention (auto | sdpa | chunked | naive).
+    ``winograd_conv``: the wide 3x3 convolutions of inference calls as Winograd F(4x4, 3x3)
+    (``winograd.Conv2d``); by default on for float32 on the CPU.
     """
     check_load_options(dtype, attention, chunk_size)
     config = VAEConfig.from_folder(folder)
     config.check_geometry()
     tile_size, tile_overlap = _tile_plan(tile_size, tile_overlap, 2 ** (len(config.block_out_channels) - 1))
     model = common.load_model(lambda: VAE(config), read_vae_state(folder), str(folder), dtype=dtype,
-                              device=device, attention=attention, chunk_size=chunk_size)
+                              device=device, attention=attention, chunk_size=chunk_size, winograd_conv=winograd_conv)
     model.tile_size = tile_size
     model.tile_overlap = tile_overlap
     return model
