@@ -345,7 +345,7 @@ def unet_step(spec: dict):
     eager_eps = {dt: _eager_output(b, ours[dt], ours_fn(dt)) for dt in dtypes} if spec.get("compiled") else {}
     # rows with Winograd convolutions: how far they are from the same model's direct ones
     winograd = {dt: _uses_winograd(b, ours[dt]) and not spec.get("compiled") for dt in dtypes}
-    direct_eps = {dt: _direct_output(ours[dt], ours_fn(dt)) for dt in dtypes if winograd[dt]}
+    direct_eps = {dt: _direct_output(b, ours[dt], ours_fn(dt)) for dt in dtypes if winograd[dt]}
     gc.collect()
     rounds = spec.get("rounds", 3)
     times = _alternate(variants, rounds, b.name)
@@ -402,13 +402,13 @@ def _uses_winograd(b, unet) -> bool:
     return any(m.winograd for m in winograd.wide_layers(unet))
 
 
-def _direct_output(unet, run) -> np.ndarray:
+def _direct_output(b, unet, run) -> np.ndarray:
     """``run()``'s output with ``unet``'s Winograd convolutions switched off (torch)."""
     from oxigaf_torch import winograd
 
     winograd.enable(unet, False)
     try:
-        return np.asarray(run().float().cpu().numpy())
+        return _to_numpy(b, run())
     finally:
         winograd.enable(unet, True)
 

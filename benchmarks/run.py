@@ -60,14 +60,18 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _cpu_flags() -> list[str]:
+    """The CPU's feature flags from /proc/cpuinfo (OSError, StopIteration where there are none)."""
+    with open("/proc/cpuinfo") as f:
+        return next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-        info["cpu_flags"] = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+        info["cpu_flags"] = sorted(f for f in _cpu_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
         with open("/proc/meminfo") as f:
             info["memory_bytes"] = int(f.readline().split()[1]) * 1024
     except (OSError, StopIteration):
@@ -111,8 +115,7 @@ def _cpu_bfloat16() -> bool:
     if platform.machine() not in ("x86_64", "AMD64"):
         return True
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+        flags = _cpu_flags()
     except (OSError, StopIteration):
         return True
     return "avx512f" in flags or "amx_bf16" in flags

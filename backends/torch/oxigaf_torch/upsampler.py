@@ -225,14 +225,14 @@ class UpsamplerUNet(nn.Module):
         self.config = config
         self.kplan = p
         self.conv_in = Conv2d(p.in_channels, p.conv_in_channels, p.conv_in_kernel,
-                                 padding=(p.conv_in_kernel - 1) // 2)
+                              padding=(p.conv_in_kernel - 1) // 2)
         self.time_proj = GaussianFourierProjection(p.fourier_size, p.flip_sin_to_cos)
         self.time_embedding = TimestepEmbedding(p.time_embed_dim, p.time_embed_dim, p.cond_dim, p.act_fn,
                                                 p.post_act_fn)
         self.down_blocks = nn.ModuleList(KBlock(b, p, up=False) for b in p.down)
         self.up_blocks = nn.ModuleList(KBlock(b, p, up=True) for b in p.up)
         self.conv_out = Conv2d(p.conv_in_channels, p.out_channels, p.conv_out_kernel,
-                                  padding=(p.conv_out_kernel - 1) // 2)
+                               padding=(p.conv_out_kernel - 1) // 2)
         self.attention = "auto"
         self.chunk_size = 1024
 

@@ -156,7 +156,8 @@ class Conv2d(nn.Conv2d):
     def _kernel(self, keep: bool) -> torch.Tensor:
         w = self.weight
         if not keep:
-            return transform_kernel(w, _scratch("kernel", w.device, (TILE * TILE * w[:, :, 0, 0].numel(),))[0])
+            size = TILE * TILE * self.out_channels * self.in_channels
+            return transform_kernel(w, _scratch("kernel", w.device, (size,))[0])
         key = (w.data_ptr(), w._version, w.device)
         if getattr(self, "_winograd_key", None) != key:
             self._winograd_kernel, self._winograd_key = transform_kernel(w), key
