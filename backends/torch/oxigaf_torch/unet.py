@@ -12,7 +12,8 @@ Speed, at inference (no autograd; with autograd on, the plain out-of-place path 
 of a group that carry the same text and image prompt (what the pipeline passes) share one
 resampler pass and one set of cross-attention keys and values, their queries attending
 together; GroupNorm + SiLU is one float32 buffer and in-place SiLU, residual adds and GEGLU
-work in place on fresh intermediates, LayerNorm reads half precision directly; in float16 and
+work in place on fresh intermediates (GEGLU's projection, the largest, in a buffer kept between
+calls on the CPU: ``buffers``), LayerNorm reads half precision directly; in float16 and
 bfloat16 the activations are channels-last (oneDNN's bfloat16 convolutions are about 2x faster
 in it, and the transformers' token layout becomes a free view); in float32 on the CPU the wide
 3x3 convolutions run as Winograd F(4x4, 3x3) (``winograd``), on channels-last activations too.
@@ -35,7 +36,7 @@ from oxigaf.checkpoints import load_state
 from oxigaf.config import UNET_NORM_GROUPS, UNetConfig, check_load_options
 from oxigaf.errors import InputError
 
-from . import common, winograd
+from . import buffers, common, winograd
 from .common import GroupNorm32, LayerNorm32, Upsample, merge_heads, split_heads, timestep_embedding
 from .common import attention as scaled_attention
 from .winograd import Conv2d
@@ -199,12 +200,23 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x, fast: bool = False):
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        if fast:
-            # both halves are views of the fresh projection; the next Linear reads the strided
-            # result without a copy
-            return h.mul_(torch.ops.aten.gelu_(gate))
-        return h * F.gelu(gate)
+        if not fast:
+            h, gate = self.proj(x).chunk(2, dim=-1)
+            return h * F.gelu(gate)
+        if buffers.keeps(x):
+            # the projection is the largest intermediate of a call (105 MB a block at the first
+            # level of the ImageDream UNet in float32): a kept buffer, not a fresh one each time
+            # (F.linear's own call on a contiguous x: the same numbers)
+            rows = x.numel() // x.shape[-1]
+            out = buffers.scratch("geglu", x.device, (rows, self.proj.out_features), dtype=x.dtype)[0]
+            y = torch.addmm(self.proj.bias, x.reshape(rows, -1), self.proj.weight.t(), out=out)
+            y = y.view(*x.shape[:-1], -1)
+        else:
+            y = self.proj(x)
+        # both halves are views of the projection; the next Linear reads the strided result
+        # without a copy
+        h, gate = y.chunk(2, dim=-1)
+        return h.mul_(torch.ops.aten.gelu_(gate))
 
 
 class FeedForward(nn.Module):
@@ -665,5 +677,4 @@ def load_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str 
     model.channels_last = bool(channels_last)
     if model.channels_last:
         model.to(memory_format=torch.channels_last)
-        winograd.enable(model, model.winograd_conv)  # its kernels back in the layout it reads
     return model.compile() if compile else model

@@ -13,12 +13,11 @@ of 3e-6 against float64 (direct float32: 1e-6); at 64 channels it is slower (1.4
 
 from __future__ import annotations
 
-import math
-import threading
-
 import numpy as np
 import torch
 from torch import nn
+
+from . import buffers
 
 # F(4x4, 3x3) with the interpolation points 0, ±1, ±2 and ∞ (Lavin & Gray, section 4.2)
 _BT = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -62,8 +61,9 @@ def conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) ->
     # The intermediates are views of one buffer kept between calls: fresh ones this large cost
     # more in page faults than the transform GEMMs themselves (17 ms against 9 ms for one).
     padded_shape = (n, h + 2, w + 2, cin) if channels_last else (n, cin, h + 2, w + 2)
-    padded, d, v, m, y = _scratch("tiles", x.device, padded_shape, (TILE, TILE, n, th, tw, cin),
-                                  (TILE * TILE, tiles, cin), (TILE * TILE, tiles, cout), (OUT, OUT, n, th, tw, cout))
+    padded, d, v, m, y = buffers.scratch("tiles", x.device, padded_shape, (TILE, TILE, n, th, tw, cin),
+                                         (TILE * TILE, tiles, cin), (TILE * TILE, tiles, cout),
+                                         (OUT, OUT, n, th, tw, cout))
     if channels_last:
         padded[:, 0].zero_(), padded[:, -1].zero_(), padded[:, :, 0].zero_(), padded[:, :, -1].zero_()
         padded[:, 1:-1, 1:-1].copy_(x.permute(0, 2, 3, 1))
@@ -101,47 +101,30 @@ def _transforms(device: torch.device) -> tuple[torch.Tensor, ...]:
     return _TRANSFORMS[device]
 
 
-_SCRATCH: dict = {}
-SCRATCH_KEEP_BYTES = 512 << 20
-
-
-def _scratch(use: str, device: torch.device, *shapes: tuple) -> list[torch.Tensor]:
-    """Consecutive float32 views of one buffer per use, device and thread, grown to the largest
-    call's need and kept (for the ImageDream UNet at 32x32 latents 233 MB of tiles and 472 MB for
-    its largest kernel made per call; ``release_scratch`` frees them). A need above
-    ``SCRATCH_KEEP_BYTES`` gets a buffer of its own, not kept."""
-    key = (use, device, threading.get_ident())
-    sizes = [math.prod(s) for s in shapes]
-    buf = _SCRATCH.get(key)
-    if sum(sizes) * 4 > SCRATCH_KEEP_BYTES:  # a large VAE decode: fresh, its faults matter less
-        buf = torch.empty(sum(sizes), device=device)
-    elif buf is None or buf.numel() < sum(sizes):
-        _SCRATCH.pop(key, None)
-        buf = _SCRATCH[key] = torch.empty(sum(sizes), device=device)
-    views, start = [], 0
-    for shape, size in zip(shapes, sizes, strict=True):
-        views.append(buf[start:start + size].view(shape))
-        start += size
-    return views
-
-
-def release_scratch() -> None:
-    """Free the buffers ``conv3x3`` keeps between calls."""
-    _SCRATCH.clear()
-
-
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (the same parameters, so the same checkpoint keys) that runs its inference
     calls as Winograd F(4x4, 3x3) where that is faster (``applies``) and ``winograd`` is set (the
     loaders set it for float32 models on the CPU). On feature maps of at least ``KEEP_SIZE`` its
     transformed kernel is kept, made again whenever the weight has been replaced or written to;
-    on smaller ones, whose layers are the widest, it is made per call into a reused buffer."""
+    on smaller ones, whose layers are the widest, it is made per call into a reused buffer.
+
+    With ``winograd`` set, an inference call also puts the weight in the layout its path reads
+    (``_match_layout``): the standard one for a kernel made per call, channels-last for oneDNN's
+    direct convolution of channels-last maps, which otherwise reorders a standard-layout weight
+    on every call (29 ms for a 1280-channel layer at 4x4, 40 % of its time). A layer keeps one
+    path at a given input size, so this happens once."""
 
     winograd = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.winograd and self.applies(x):
-            return conv3x3(x, self._kernel(keep=min(x.shape[-2:]) >= KEEP_SIZE), self.bias)
+            keep = min(x.shape[-2:]) >= KEEP_SIZE
+            if not keep:
+                self._match_layout(torch.contiguous_format)
+            return conv3x3(x, self._kernel(keep), self.bias)
+        if self.winograd and x.ndim == 4 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            self._match_layout(torch.channels_last if channels_last else torch.contiguous_format)
         return super().forward(x)
 
     def applies(self, x: torch.Tensor) -> bool:
@@ -153,14 +136,19 @@ class Conv2d(nn.Conv2d):
                 and min(h, w) >= MIN_SIZE and h % OUT == 0 and w % OUT == 0
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
+    def _match_layout(self, layout: torch.memory_format) -> None:
+        w = self.weight
+        if not w.is_contiguous(memory_format=layout):
+            w.data = w.data.contiguous(memory_format=layout)
+
     def _kernel(self, keep: bool) -> torch.Tensor:
         w = self.weight
         if not keep:
             size = TILE * TILE * self.out_channels * self.in_channels
-            return transform_kernel(w, _scratch("kernel", w.device, (size,))[0])
+            return transform_kernel(w, buffers.scratch("kernel", w.device, (size,))[0])
         key = (w.data_ptr(), w._version, w.device)
         if getattr(self, "_winograd_key", None) != key:
-            self._winograd_kernel, self._winograd_key = transform_kernel(w), key
+            self._winograd_kernel, self._winograd_key = transform_kernel(w.contiguous()), key
         return self._winograd_kernel
 
 
@@ -170,13 +158,8 @@ def wide_layers(model: nn.Module) -> list[Conv2d]:
 
 
 def enable(model: nn.Module, on: bool) -> nn.Module:
-    """Set ``winograd`` on every ``Conv2d`` of ``model``. Those wide enough get their weights in
-    the standard layout (after ``model.to(memory_format=torch.channels_last)``, say), each 3x3
-    kernel contiguous, which is how ``transform_kernel`` reads them without a copy."""
+    """Set ``winograd`` on every ``Conv2d`` of ``model``."""
     for module in model.modules():
         if isinstance(module, Conv2d):
             module.winograd = on
-    if on:
-        for module in wide_layers(model):
-            module.weight.data = module.weight.data.contiguous()
     return model
