@@ -102,6 +102,12 @@ def test_weight_layout_follows_the_path(monkeypatch):
         conv.winograd = True
         conv(mid.contiguous())  # autograd on: never touched
         assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    with torch.inference_mode():
+        conv(mid)  # the per-call kernel: the standard layout again
+    assert conv.weight.is_contiguous() and not conv.weight.is_inference()
+    conv.requires_grad_(True)
+    conv(mid).sum().backward()  # the weight still trains
+    assert conv.weight.grad is not None
 
 
 def test_applies_only_where_it_is_exact_and_pays():

@@ -139,7 +139,9 @@ class Conv2d(nn.Conv2d):
     def _match_layout(self, layout: torch.memory_format) -> None:
         w = self.weight
         if not w.is_contiguous(memory_format=layout):
-            w.data = w.data.contiguous(memory_format=layout)
+            # a normal tensor even inside torch.inference_mode, so the weight can still train
+            with torch.inference_mode(False):
+                w.data = w.data.contiguous(memory_format=layout)
 
     def _kernel(self, keep: bool) -> torch.Tensor:
         w = self.weight
