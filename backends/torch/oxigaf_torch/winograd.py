@@ -48,6 +48,11 @@ def transform_kernel(weight: torch.Tensor, out: torch.Tensor | None = None) -> t
     return torch.mm(kg, taps, out=out).view(TILE * TILE, cout, cin).transpose(1, 2)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (and not also plain contiguous, as 1x1 maps are)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.conv2d(x, w, bias, padding=1)`` for (N, C_in, H, W) ``x`` with H and W multiples of 4,
     ``kernel`` = ``transform_kernel(w)``. The result has ``x``'s memory format (fastest:
@@ -57,7 +62,7 @@ def conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) ->
     th, tw = h // OUT, w // OUT
     tiles = n * th * tw
     _, kb, ka = _transforms(x.device)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = is_channels_last(x)
     # The intermediates are views of one buffer kept between calls: fresh ones this large cost
     # more in page faults than the transform GEMMs themselves (17 ms against 9 ms for one).
     padded_shape = (n, h + 2, w + 2, cin) if channels_last else (n, cin, h + 2, w + 2)
@@ -123,7 +128,7 @@ class Conv2d(nn.Conv2d):
                 self._match_layout(torch.contiguous_format)
             return conv3x3(x, self._kernel(keep), self.bias)
         if self.winograd and x.ndim == 4 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            channels_last = is_channels_last(x)
             self._match_layout(torch.channels_last if channels_last else torch.contiguous_format)
         return super().forward(x)
 
