@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from oxigaf.checkpoints import load_state, manifest_shapes, write_random_checkpoint  # noqa: E402
 from oxigaf.errors import ConfigError, InputError, ModelLoadError  # noqa: E402
 from oxigaf_torch import common  # noqa: E402
+from oxigaf_torch import unet as unet_module  # noqa: E402
 from oxigaf_torch.backend import TorchBackend  # noqa: E402
 from oxigaf_torch.unet import MultiViewUNet, load_unet  # noqa: E402
 
@@ -216,6 +217,32 @@ def test_low_precision(case, dtype):
     out = _run(model, case)  # float32 inputs: computed in dtype, returned as float32
     assert np.isfinite(out).all()
     assert rel_l2(out, ref) <= LOW_PRECISION_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fast_group_norm_in_half_precision(dtype, layout):
+    """The inference GroupNorm + SiLU on a half-precision map (means from a GEMM, rounded; the
+    centring into a kept float32 buffer) against float64, as close as the module's path; groups
+    with a mean far above their spread, where an uncentred E[x²] − E[x]² would cancel."""
+    g = torch.Generator().manual_seed(0)
+    norm = common.GroupNorm32(8, 64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+        norm.bias.copy_(torch.randn(64, generator=g))
+    norm = norm.to(getattr(torch, dtype)).requires_grad_(False)
+    offset = torch.tensor([0.0, 50.0, -300.0, 2.0, 0.0, 1e3, 0.0, 7.0]).repeat_interleave(8)[None, :, None, None]
+    x = (torch.randn(3, 64, 6, 5, generator=g) + offset).to(norm.weight.dtype).contiguous(memory_format=layout)
+    w, b = norm.weight.double(), norm.bias.double()
+    for act in (True, False):
+        ref = torch.nn.functional.group_norm(x.double(), 8, w, b, norm.eps)
+        ref = torch.nn.functional.silu(ref) if act else ref
+        with torch.no_grad():
+            ours = unet_module.group_norm_act(norm, x, act, reuse=False)
+            module = torch.nn.functional.silu(norm(x)) if act else norm(x)
+        assert ours.dtype == x.dtype and ours.is_contiguous(memory_format=layout)
+        err, module_err = (rel_l2(y.double().numpy(), ref.numpy()) for y in (ours, module))
+        assert err <= 1.05 * module_err and err <= 5e-3
 
 
 def test_output_dtype_follows_x(mvdream):

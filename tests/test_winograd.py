@@ -1,5 +1,5 @@
-"""Winograd F(4x4, 3x3) convolutions (oxigaf_torch.winograd) against float64 convolutions and,
-in the whole UNet, against the reference ImageDream fixture."""
+"""Winograd F(4x4, 3x3) and im2col-GEMM convolutions (oxigaf_torch.winograd) against float64
+convolutions and, in the whole UNet, against the reference ImageDream fixture."""
 
 from __future__ import annotations
 
@@ -35,6 +35,45 @@ def test_conv3x3_equals_convolution(layout, bias, shape):
     out = winograd.conv3x3(x, winograd.transform_kernel(weight), b)
     assert out.is_contiguous(memory_format=layout)
     assert rel_l2(out.numpy(), _direct64(x, weight, b).numpy()) <= CONV_TOL
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv3x3_gemm_equals_convolution(dtype, layout, stride, bias):
+    g = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
+    x = torch.randn(3, 40, 7, 6, generator=g).to(dt).contiguous(memory_format=layout)
+    weight = (torch.randn(24, 40, 3, 3, generator=g) / 360 ** 0.5).to(dt)
+    b = torch.randn(24, generator=g).to(dt) if bias else None
+    for w in (weight, weight.contiguous(memory_format=torch.channels_last)):
+        out = winograd.conv3x3_gemm(x, w, b, stride)
+        assert out.dtype == dt and out.is_contiguous(memory_format=layout)
+        ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride=stride, padding=1)
+        if dtype == "float32":  # measured 3e-7
+            assert rel_l2(out.numpy(), ref.numpy()) <= 1e-6
+        else:  # bfloat16: oneDNN's direct convolution rounds the same way (both measured 1.7e-3)
+            direct = F.conv2d(x, w, b, stride=stride, padding=1)
+            err, direct_err = (rel_l2(y.double().numpy(), ref.numpy()) for y in (out, direct))
+            assert err <= 1.1 * direct_err and err <= 3e-3
+
+
+def test_gemm_applies_on_small_maps_only():
+    conv = winograd.Conv2d(320, 320, 3, padding=1)
+    down = winograd.Conv2d(320, 320, 3, stride=2, padding=1)
+    with torch.no_grad():
+        for dt in (torch.float32, torch.bfloat16):
+            conv.to(dt), down.to(dt)
+            assert conv.gemm_applies(torch.randn(1, 320, 8, 8, dtype=dt))
+            assert not conv.gemm_applies(torch.randn(1, 320, 16, 8, dtype=dt))  # above GEMM_MAX_SIZE
+            assert down.gemm_applies(torch.randn(1, 320, 16, 16, dtype=dt))  # an 8x8 output
+            assert not down.gemm_applies(torch.randn(1, 320, 32, 32, dtype=dt))
+        conv.half()
+        assert not conv.gemm_applies(torch.randn(1, 320, 4, 4, dtype=torch.float16))  # not measured
+        assert not winograd.Conv2d(64, 64, 3, padding=1).gemm_applies(torch.randn(1, 64, 4, 4))  # narrow
+    conv.float()
+    assert not conv.gemm_applies(torch.randn(1, 320, 4, 4))  # autograd on: the plain convolution
 
 
 def _wide_enough(monkeypatch, channels=1, size=4, keep=8):
@@ -138,6 +177,27 @@ def test_unet_with_winograd_everywhere_matches_the_reference(monkeypatch):
         assert rel_l2(out, c["expected"]) <= TOL
     direct = _run(load_unet(c["folder"], winograd_conv=False), c)
     assert rel_l2(out, direct) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_unet_with_gemm_convolutions_matches_the_reference(monkeypatch, dtype):
+    """Every 3x3 convolution of the tiny ImageDream UNet (strides 1 and 2) as one GEMM, against
+    the original code's output in float32; in bfloat16 as close to it as oneDNN's convolutions."""
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "GEMM_MAX_SIZE", 64)
+    calls = []
+    real = winograd.conv3x3_gemm
+    monkeypatch.setattr(winograd, "conv3x3_gemm", lambda x, w, b, s: calls.append(s) or real(x, w, b, s))
+    c = _case("imagedream_tiny")
+    model = load_unet(c["folder"], dtype=dtype, winograd_conv=False)
+    out = _run(model, c)
+    assert len(calls) > 10 and set(calls) == {1, 2}
+    if dtype == "float32":
+        assert rel_l2(out, c["expected"]) <= TOL
+    else:
+        monkeypatch.setattr(winograd, "GEMM_MAX_SIZE", 0)
+        direct = _run(model, c)
+        assert rel_l2(out, c["expected"]) <= 1.1 * rel_l2(direct, c["expected"])
 
 
 def test_load_unet_defaults(monkeypatch):
