@@ -4,8 +4,10 @@ torch's CPU allocator hands blocks above glibc's mmap threshold (at most 32 MB) 
 system when they are freed, so an intermediate that large is page-faulted in again on every
 call. In a UNet call at the ImageDream shape that is no small cost: a fresh 105 MB float32
 GEGLU projection took 0.17 s a block in its bias copy alone, its GEMM 0.13 s (2 cores of an
-AMD EPYC). ``winograd`` and ``unet.GEGLU`` write such intermediates into buffers kept here,
-one per use, device, dtype and thread, grown to the largest call's need.
+AMD EPYC). ``winograd`` (its tiles and per-call kernels, the GEMM convolutions' gathered maps)
+and ``unet`` (GEGLU's projection, half-precision GroupNorm's centred float32 copy) write such
+intermediates into buffers kept here, one per use, device, dtype and thread, grown to the largest
+call's need.
 """
 
 from __future__ import annotations
@@ -49,5 +51,6 @@ def keeps(x: torch.Tensor) -> bool:
 
 def release() -> None:
     """Free every kept buffer (for the ImageDream UNet at 32x32 latents in float32: 233 MB of
-    Winograd tiles, 472 MB for its largest kernel made per call, 105 MB of GEGLU projection)."""
+    Winograd tiles, 472 MB for its largest kernel made per call, 105 MB of GEGLU projection; in
+    bfloat16, 35 MB of gathered maps for the GEMM convolutions)."""
     _KEPT.clear()

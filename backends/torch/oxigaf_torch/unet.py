@@ -16,7 +16,8 @@ work in place on fresh intermediates (GEGLU's projection, the largest, in a buff
 calls on the CPU: ``buffers``), LayerNorm reads half precision directly; in float16 and
 bfloat16 the activations are channels-last (oneDNN's bfloat16 convolutions are about 2x faster
 in it, and the transformers' token layout becomes a free view); in float32 on the CPU the wide
-3x3 convolutions run as Winograd F(4x4, 3x3) (``winograd``), on channels-last activations too.
+3x3 convolutions run as Winograd F(4x4, 3x3) (``winograd``), on channels-last activations too,
+and on maps of 8x8 and less (float32 and bfloat16) as one im2col GEMM (``winograd.conv3x3_gemm``).
 benchmarks/ measures it.
 """
 
