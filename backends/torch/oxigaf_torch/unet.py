@@ -88,16 +88,16 @@ class UNetCache:
 def _channel_group_mean(t: torch.Tensor, sdim: int, groups: int) -> torch.Tensor:
     """Per-group mean of a (B, C, S) or (B, S, C) tensor (``sdim`` the spatial axis), as (B, C)
     float32 with each channel holding its group's mean. For a half-precision ``t`` the
-    per-channel sums are a GEMM with a row of ones (0.15-0.5x ``mean``'s time on the CPU, which
-    copies all of ``t`` to float32 first), rounded to ``t``'s dtype: as a centring offset
-    (below) the rounded mean does as well as the exact one."""
+    per-channel means are a GEMM with a row of 1/S (0.15-0.5x ``mean``'s time on the CPU, which
+    copies all of ``t`` to float32 first; means, not sums, which would overflow float16),
+    rounded to ``t``'s dtype: as a centring offset (below) that does as well as the exact mean."""
     if t.dtype == torch.float32:
         per_channel = t.mean(sdim, dtype=torch.float32)
     else:
         size = t.shape[sdim]
-        ones = torch.ones(t.shape[0], 1, size, dtype=t.dtype, device=t.device)
-        sums = torch.bmm(ones, t) if sdim == 1 else torch.bmm(t, ones.transpose(1, 2))
-        per_channel = sums.flatten(1).float() / size
+        weights = torch.full((t.shape[0], 1, size), 1.0 / size, dtype=t.dtype, device=t.device)
+        means = torch.bmm(weights, t) if sdim == 1 else torch.bmm(t, weights.transpose(1, 2))
+        per_channel = means.flatten(1).float()
     b, c = per_channel.shape
     return per_channel.view(b, groups, c // groups).mean(-1, keepdim=True).expand(b, groups, c // groups).reshape(b, c)
 
