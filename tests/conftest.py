@@ -110,7 +110,7 @@ def pytest_xdist_auto_num_workers(config):
 # hands each worker two files at the start, in collection order, and one more whenever it is down
 # to one. The two heaviest files start first, one per worker; the small third one is what waits
 # behind the heaviest. By default xdist would order the files by their number of tests, and the
-# MLX reference run (test_pipeline_e2e.py: 6 to 9 minutes on 2 cores without a fast BLAS) could
+# MLX reference run (test_pipeline_e2e.py: 6 to 10 minutes on 2 cores without a fast BLAS) could
 # start last.
 RUN_FIRST = ("test_pipeline_e2e.py", "test_refine.py", "test_config.py", "test_toys.py")
 

@@ -1,6 +1,6 @@
 """The whole pipeline against the reference ImageDream run, on every backend and across them.
 
-A file of its own: MLX's run is the suite's heaviest item (on 2 cores without a fast BLAS 6 to 9
+A file of its own: MLX's run is the suite's heaviest item (on 2 cores without a fast BLAS 6 to 10
 minutes, by the machine), so one xdist worker runs it while the others take everything else
 (tests/conftest.py starts it first)."""
 
@@ -28,7 +28,7 @@ E2E_CONFIG = DiffusionConfig(num_views=4, num_inference_steps=CALL["num_inferenc
 
 
 # One pipeline and one reference run per backend for the whole module: the e2e parity tests, the
-# cross-backend test and the behaviour tests share them instead of building and running their own.
+# cross-backend test and the save test share them instead of building and running their own.
 _PIPES: dict = {}
 _E2E_OUTS: dict = {}
 
@@ -50,7 +50,7 @@ def _e2e_output(backend: str):
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def e2e_pipe(request):
-    """The reference run is reproduced on every backend; the behaviour tests below run on the first
+    """The reference run is reproduced on every backend; the guidance test below runs on the first
     (torch where installed: MLX on a Linux CPU is slow, and cross-backend agreement is tested apart)."""
     return _e2e_pipeline(request.param)
 
