@@ -73,7 +73,8 @@ class DiffusionConfig:
     - ``dtype``: compute dtype of the UNet and encoders; ``vae_dtype`` of the VAE (float32 by
       default: the SD VAE overflows in float16).
     - ``upsampler_steps``: Euler steps of the sd-x2 latent upsampler when one is used.
-    - ``low_memory``: release the encoders after conditioning and the UNet before decoding.
+    - ``low_memory``: release the encoders after conditioning and the UNet before decoding,
+      and the buffers the backend keeps for reuse with them.
     - ``vae_tile_size``: decode in tiles of this many pixels (0 = never tile).
     - ``compile``: compile the UNet's step (torch: ``torch.compile``, on CUDA with CUDA graphs,
       mode "reduce-overhead"; mlx: ``mx.compile``, which also fuses the guidance and the DDIM step

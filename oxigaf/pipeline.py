@@ -308,6 +308,9 @@ class Pipeline:
         import gc
 
         gc.collect()
+        # what the backend keeps for reuse outlives the models (a third-party backend may keep nothing)
+        if hasattr(self.backend, "clear_cache"):
+            self.backend.clear_cache()
 
     def _make_upsampler(self, upsampler):
         if upsampler is None:

@@ -54,6 +54,17 @@ def test_batch_equals_single_runs_and_keeps_camera_order(toy, toy_photo):
     assert [c.azimuth for c in batch[1].cameras] == [0.0, 45.0, 180.0]
 
 
+def _cached_bytes(backend: str) -> int:
+    """What the backend holds for reuse between calls: torch's kept CPU buffers, MLX's cache."""
+    if backend == "torch":
+        from oxigaf_torch import buffers
+
+        return sum(b.numel() * b.element_size() for b in buffers._KEPT.values())
+    import mlx.core as mx
+
+    return mx.get_cache_memory()
+
+
 def test_low_memory_releases_models_and_changes_nothing(toy, toy_photo):
     from oxigaf import toys
 
@@ -61,7 +72,10 @@ def test_low_memory_releases_models_and_changes_nothing(toy, toy_photo):
     kw = dict(num_inference_steps=2, seed=3, progress=False)
     out = lean.generate(toy_photo, **kw)
     assert not lean._models  # encoders, UNet and VAE all released after the run
-    assert rel_l2(out.latents, toy.generate(toy_photo, **kw).latents) <= 1e-6
+    assert _cached_bytes(BACKENDS[0]) == 0  # and what the backend kept for them
+    plain = toy.generate(toy_photo, **kw)
+    assert _cached_bytes(BACKENDS[0]) > 0  # which a run without low_memory keeps
+    assert rel_l2(out.latents, plain.latents) <= 1e-6
     again = lean.generate(toy_photo, **kw)  # reloaded on demand
     assert rel_l2(again.latents, out.latents) <= 1e-6
 

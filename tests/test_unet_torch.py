@@ -246,6 +246,31 @@ def test_fast_group_norm_in_half_precision(dtype, layout):
         assert err <= 1.05 * module_err and err <= 5e-3
 
 
+def test_grad_mode_records_a_graph_only_when_something_needs_a_gradient(imagedream, monkeypatch):
+    # The pipeline calls the UNet with grad mode on (the core knows nothing of torch): frozen
+    # weights and plain inputs must still get the inference path, here seen by its in-place GEGLU.
+    model, ref = _model(imagedream)
+    from oxigaf_torch import buffers
+
+    kept, scratch = [], buffers.scratch
+
+    def counting(use, *a, **k):
+        kept.append(use)
+        return scratch(use, *a, **k)
+
+    monkeypatch.setattr(buffers, "scratch", counting)
+    args = _tensors(imagedream["args"])
+    out = model(num_frames=imagedream["frames"], **args)
+    assert torch.is_grad_enabled() and out.grad_fn is None and "geglu" in kept
+    assert rel_l2(out.numpy(), ref) <= 1e-6
+    kept.clear()
+    args["x"].requires_grad_(True)  # a gradient wanted: the graph is recorded, out of place
+    out = model(num_frames=imagedream["frames"], **args)
+    assert out.grad_fn is not None and not kept
+    out.square().mean().backward()
+    assert args["x"].grad is not None and torch.isfinite(args["x"].grad).all()
+
+
 def test_output_dtype_follows_x(mvdream):
     _, ref = _model(mvdream)
     model = load_unet(mvdream["folder"], dtype="float16")

@@ -141,6 +141,24 @@ def test_unet_matches_diffusers(unet_case, name):
     assert rel_l2(got, expected) <= TOL
 
 
+def test_unet_runs_without_a_graph_unless_a_gradient_is_wanted(unet_case):
+    # The pipeline calls it with grad mode on: the layers (Winograd convolutions among them) must
+    # see it off all the same, and on again when the input needs a gradient.
+    folder, _, inputs, expected = unet_case
+    backend = _backend("torch")
+    unet = backend.load_upsampler_unet(folder, dtype="float32")
+    seen = []
+    unet.conv_in.register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    sample = torch.from_numpy(inputs["sample"])
+    rest = (torch.from_numpy(inputs["timestep"]), torch.from_numpy(inputs["encoder_hidden_states"]))
+    cond = torch.from_numpy(inputs["timestep_cond"])
+    out = unet(sample, *rest, timestep_cond=cond)
+    assert torch.is_grad_enabled() and seen == [False] and out.grad_fn is None
+    assert rel_l2(out.numpy(), expected) <= TOL
+    out = unet(sample.requires_grad_(True), *rest, timestep_cond=cond)
+    assert seen == [False, True] and out.grad_fn is not None
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_unet_scalar_timestep_and_no_condition(unet_case, name):
     folder, ref, inputs, _ = unet_case

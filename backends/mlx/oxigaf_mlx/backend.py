@@ -78,6 +78,10 @@ class MLXBackend:
     def reset_peak_memory(self) -> None:
         mx.reset_peak_memory()
 
+    def clear_cache(self) -> None:
+        """Hand MLX's cached buffers back (``low_memory`` calls it on release)."""
+        mx.clear_cache()
+
     def compile_function(self, fn):
         """``fn`` (arrays in, arrays out) through ``mx.compile``: one fused graph per input shape
         (the pipeline's guided DDIM step, with ``DiffusionConfig.compile``)."""

@@ -65,6 +65,18 @@ def load_model(build: Callable[[], nn.Module], state: Mapping[str, np.ndarray], 
     return model
 
 
+def records_graph(model: nn.Module, *inputs) -> bool:
+    """Whether a call of ``model`` on ``inputs`` must record autograd's graph: grad mode is on and
+    a parameter or an input tensor requires a gradient. The models' forwards run under
+    ``torch.no_grad`` otherwise, and so take their inference paths (in place, kept buffers,
+    Winograd and GEMM convolutions) for callers that never asked for gradients but did not turn
+    grad mode off either, the pipeline among them: loaded weights are frozen (``load_weights``)."""
+    if not torch.is_grad_enabled():
+        return False
+    return (any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+            or any(p.requires_grad for p in model.parameters()))
+
+
 def as_float_input(t, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A model input ``name``: a floating-point torch tensor, moved to the model's device and dtype."""
     if not isinstance(t, torch.Tensor):

@@ -8,16 +8,17 @@ Numerics follow the reference: the timestep embedding is computed in float32, Gr
 LayerNorm run in float32, attention softmax runs in float32 (``common.attention``), and the
 self-attention of every transformer joins the tokens of all F views of a batch item.
 
-Speed, at inference (no autograd; with autograd on, the plain out-of-place path runs): frames
-of a group that carry the same text and image prompt (what the pipeline passes) share one
-resampler pass and one set of cross-attention keys and values, their queries attending
-together; GroupNorm + SiLU is one float32 buffer and in-place SiLU, residual adds and GEGLU
-work in place on fresh intermediates (GEGLU's projection, the largest, in a buffer kept between
-calls on the CPU: ``buffers``), LayerNorm reads half precision directly; in float16 and
-bfloat16 the activations are channels-last (oneDNN's bfloat16 convolutions are about 2x faster
-in it, and the transformers' token layout becomes a free view); in float32 on the CPU the wide
-3x3 convolutions run as Winograd F(4x4, 3x3) (``winograd``), on channels-last activations too,
-and on maps of 8x8 and less (float32 and bfloat16) as one im2col GEMM (``winograd.conv3x3_gemm``).
+Speed, at inference (when nothing needs a gradient, whatever the grad mode:
+``common.records_graph``; otherwise the plain out-of-place path runs): frames of a group that
+carry the same text and image prompt (what the pipeline passes) share one resampler pass and
+one set of cross-attention keys and values, their queries attending together; GroupNorm + SiLU
+is one float32 buffer and in-place SiLU, residual adds and GEGLU work in place on fresh
+intermediates (GEGLU's projection, the largest, in a buffer kept between calls on the CPU:
+``buffers``), LayerNorm reads half precision directly; in float16 and bfloat16 the activations
+are channels-last (oneDNN's bfloat16 convolutions are about 2x faster in it, and the
+transformers' token layout becomes a free view); in float32 on the CPU the wide 3x3
+convolutions run as Winograd F(4x4, 3x3) (``winograd``), on channels-last activations too, and
+on maps of 8x8 and less (float32 and bfloat16) as one im2col GEMM (``winograd.conv3x3_gemm``).
 benchmarks/ measures it.
 """
 
@@ -509,7 +510,15 @@ class MultiViewUNet(nn.Module):
           weight of the image-prompt attention (config default 1.0).
         - ``cache``: ``prepare(context, camera, num_frames, ip)``'s result, in place of
           ``context``, ``camera`` and ``ip`` (the same numbers, without recomputing them).
+
+        Autograd's graph is recorded only when something needs a gradient (``common.records_graph``).
         """
+        cached = (cache.context, cache.camera_emb) if isinstance(cache, UNetCache) else ()
+        with torch.set_grad_enabled(common.records_graph(self, x, context, camera, ip, ip_img, *cached)):
+            return self._predict(x, timesteps, context, camera, num_frames, ip, ip_img, attention, ip_weight, cache)
+
+    def _predict(self, x, timesteps, context, camera, num_frames: int, ip, ip_img, attention: str | None,
+                 ip_weight: float | None, cache: UNetCache | None) -> torch.Tensor:
         out_dtype = x.dtype if isinstance(x, torch.Tensor) and x.is_floating_point() else self.dtype
         x = self._as(x, "x")
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -255,7 +255,13 @@ class UpsamplerUNet(nn.Module):
         - ``timestep`` a float or a (B,) / scalar tensor (the pipeline passes 0.25·ln σ);
         - ``encoder_hidden_states`` (B, L, cross_attention_dim);
         - ``timestep_cond`` (B, time_cond_proj_dim) or None.
+
+        Autograd's graph is recorded only when something needs a gradient (``common.records_graph``).
         """
+        with torch.set_grad_enabled(common.records_graph(self, sample, encoder_hidden_states, timestep_cond)):
+            return self._predict(sample, timestep, encoder_hidden_states, timestep_cond, attention)
+
+    def _predict(self, sample, timestep, encoder_hidden_states, timestep_cond, attention: str | None) -> torch.Tensor:
         out_dtype = sample.dtype if isinstance(sample, torch.Tensor) and sample.is_floating_point() else self.dtype
         p = self.kplan
         x = self._as(sample, "sample")
