@@ -16,6 +16,7 @@ Peak memory of one call (``peak_bytes``), by backend:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import resource
@@ -594,6 +595,12 @@ def vae_decode(spec: dict):
 # --------------------------------------------------------------------------- whole pipeline
 
 
+def _users_grad_mode(b):
+    """torch's grad mode as a user of the pipeline has it: on (torch's default; TorchBench turns it
+    off for the model-level rows). The pipeline-level rows run in it, so they time what users get."""
+    return b.torch.enable_grad() if b.name == "torch" else contextlib.nullcontext()
+
+
 def pipeline(spec: dict):
     """Load the real-shape random ImageDream folder and generate 4 views at 256 px with CFG."""
     import assets
@@ -605,12 +612,13 @@ def pipeline(spec: dict):
     b = make_backend(spec["backend"], spec.get("device"))
     steps, dtype = spec["steps"], spec["dtype"]
     rss0 = _status("VmRSS")
-    t0 = time.perf_counter()
-    pipe = Pipeline(folder, backend=b.backend, config=DiffusionConfig(num_inference_steps=steps, dtype=dtype))
-    load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = pipe.generate(bundled_portrait(), progress=False, seed=0)
-    total = time.perf_counter() - t0
+    with _users_grad_mode(b):
+        t0 = time.perf_counter()
+        pipe = Pipeline(folder, backend=b.backend, config=DiffusionConfig(num_inference_steps=steps, dtype=dtype))
+        load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = pipe.generate(bundled_portrait(), progress=False, seed=0)
+        total = time.perf_counter() - t0
     stages = {k: float(v) for k, v in out.timings.items()}
     r = {"dtype": dtype, "steps": steps, "views": len(out.views), "size": out.views[0].size[0],
          "seconds": total, "load_seconds": load, "stages": stages,
@@ -634,12 +642,13 @@ def pipeline_512(spec: dict):
     b = make_backend(spec["backend"], spec.get("device"))
     steps, dtype = spec["steps"], spec["dtype"]
     config = DiffusionConfig(num_inference_steps=steps, dtype=dtype, upsampler_steps=spec["upsampler_steps"])
-    t0 = time.perf_counter()
-    pipe = Pipeline(assets.pipeline_folder(), backend=b.backend, config=config, upsampler=assets.upscaler_folder())
-    load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = pipe.generate(bundled_portrait(), output_size=2 * pipe.native_size, progress=False, seed=0)
-    total = time.perf_counter() - t0
+    with _users_grad_mode(b):
+        t0 = time.perf_counter()
+        pipe = Pipeline(assets.pipeline_folder(), backend=b.backend, config=config, upsampler=assets.upscaler_folder())
+        load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = pipe.generate(bundled_portrait(), output_size=2 * pipe.native_size, progress=False, seed=0)
+        total = time.perf_counter() - t0
     stages = {k: float(v) for k, v in out.timings.items()}
     yield {"dtype": dtype, "steps": steps, "upsampler_steps": spec["upsampler_steps"], "views": len(out.views),
            "size": out.views[0].size[0], "seconds": total, "load_seconds": load, "stages": stages,
@@ -668,7 +677,8 @@ def refine(spec: dict):
     for _ in range(spec["rounds"]):  # alternate, so a busy machine slows both alike
         for name, image in (("cached", cond), ("photo", photo)):
             t0 = time.perf_counter()
-            pipe.refine(renders, image, None, **kw)
+            with _users_grad_mode(b):
+                pipe.refine(renders, image, None, **kw)
             times[name].append(time.perf_counter() - t0)
     cached, photo_s = _median(times["cached"]), _median(times["photo"])
     yield {"strength": spec["strength"], "denoising_steps": min(int(50 * spec["strength"]), 50),
