@@ -176,6 +176,25 @@ def test_compiled_loop_gives_the_eager_views(guidance, eta, toy_photo, monkeypat
     assert np.abs(fused.images - eager.images).max() <= 1e-4
 
 
+def test_pipeline_runs_the_compiled_torch_graph(toy_photo, monkeypatch):
+    # The pipeline calls the UNet with grad mode on (torch's default): the compiled graph must
+    # run all the same. A stand-in for torch.compile counts the calls instead of compiling.
+    from oxigaf import DiffusionConfig, Pipeline, toys
+
+    calls = []
+
+    def fake_compile(fn, **kw):
+        return lambda *a: calls.append(kw) or fn(*a)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    pipe = Pipeline.from_pretrained(toys.model_path(), backend="torch", config=DiffusionConfig(compile=True))
+    out = pipe.generate(toy_photo, num_inference_steps=2, seed=1, progress=False)
+    assert torch.is_grad_enabled() and len(calls) == 2  # one UNet call per step (CFG in one batch)
+    eager = Pipeline.from_pretrained(toys.model_path(), backend="torch").generate(
+        toy_photo, num_inference_steps=2, seed=1, progress=False)
+    assert rel_l2(out.latents, eager.latents) <= 1e-5
+
+
 def test_frozen_graph_steps_aside_when_the_weights_change():
     # Inductor's freezing (the CPU compile) bakes the weights of the first compiled call into the
     # graph. A stand-in graph shows what the model does when they change afterwards: it warns and
