@@ -78,6 +78,7 @@ def test_gemm_applies_on_small_maps_only():
 
 def _wide_enough(monkeypatch, channels=1, size=4, keep=8):
     monkeypatch.setattr(winograd, "MIN_CHANNELS", channels)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS_LAST", channels)
     monkeypatch.setattr(winograd, "MIN_SIZE", size)
     monkeypatch.setattr(winograd, "KEEP_SIZE", keep)
 
@@ -160,6 +161,9 @@ def test_applies_only_where_it_is_exact_and_pays():
         assert not conv.applies(x.double())
         assert not winograd.Conv2d(320, 320, 3, stride=2, padding=1).applies(x)
         assert not winograd.Conv2d(64, 64, 3, padding=1).applies(torch.randn(1, 64, 16, 16))  # narrow
+        mid = winograd.Conv2d(128, 128, 3, padding=1)  # wide enough only channels-last
+        assert mid.applies(torch.randn(1, 128, 16, 16).contiguous(memory_format=torch.channels_last))
+        assert not mid.applies(torch.randn(1, 128, 16, 16))
     assert not conv.applies(x)  # autograd on: the plain convolution, whose gradient torch knows
 
 
@@ -221,10 +225,14 @@ def test_vae_decode_with_winograd_everywhere(monkeypatch):
     calls = _counting(monkeypatch)
     z = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = load_vae(FIXTURE_VAE, winograd_conv=True).decode(z).numpy()
-        assert len(calls) > 5
-        direct = load_vae(FIXTURE_VAE, winograd_conv=False).decode(z).numpy()
-    assert rel_l2(ours, direct) <= 1e-5
+        vae = load_vae(FIXTURE_VAE, winograd_conv=True)
+        ours = vae.decode(z)
+        assert len(calls) > 5 and vae.channels_last  # the decoder channels-last, where Winograd pays
+        assert ours.is_contiguous()  # the interface stays NCHW
+        direct = load_vae(FIXTURE_VAE, winograd_conv=False)
+        assert not direct.channels_last
+        direct = direct.decode(z).numpy()
+    assert rel_l2(ours.numpy(), direct) <= 1e-5
 
 
 def test_upsampler_unet_with_winograd_everywhere_matches_diffusers(monkeypatch, tmp_path):

@@ -39,7 +39,7 @@ from oxigaf.config import UNET_NORM_GROUPS, UNetConfig, check_load_options
 from oxigaf.errors import InputError
 
 from . import buffers, common, winograd
-from .common import GroupNorm32, LayerNorm32, Upsample, merge_heads, split_heads, timestep_embedding
+from .common import GroupNorm32, LayerNorm32, Upsample, group_norm_act, merge_heads, split_heads, timestep_embedding
 from .common import attention as scaled_attention
 from .winograd import Conv2d
 
@@ -84,59 +84,6 @@ class UNetCache:
 
 
 # --------------------------------------------------------------------------- fast norms
-
-
-def _channel_group_mean(t: torch.Tensor, sdim: int, groups: int) -> torch.Tensor:
-    """Per-group mean of a (B, C, S) or (B, S, C) tensor (``sdim`` the spatial axis), as (B, C)
-    float32 with each channel holding its group's mean. For a half-precision ``t`` the
-    per-channel means are a GEMM with a row of 1/S (0.15-0.5x ``mean``'s time on the CPU, which
-    copies all of ``t`` to float32 first; means, not sums, which would overflow float16),
-    rounded to ``t``'s dtype: as a centring offset (below) that does as well as the exact mean."""
-    if t.dtype == torch.float32:
-        per_channel = t.mean(sdim, dtype=torch.float32)
-    else:
-        size = t.shape[sdim]
-        weights = torch.full((t.shape[0], 1, size), 1.0 / size, dtype=t.dtype, device=t.device)
-        means = torch.bmm(weights, t) if sdim == 1 else torch.bmm(t, weights.transpose(1, 2))
-        per_channel = means.flatten(1).float()
-    b, c = per_channel.shape
-    return per_channel.view(b, groups, c // groups).mean(-1, keepdim=True).expand(b, groups, c // groups).reshape(b, c)
-
-
-def group_norm_act(norm: GroupNorm32, x: torch.Tensor, act: bool, reuse: bool) -> torch.Tensor:
-    """``silu(norm(x))`` (or ``norm(x)``) for inference, with ``GroupNorm32``'s numerics: each
-    group is centred in float32 first, then ``F.group_norm`` (float32 weights) normalises it.
-
-    Fewer passes and buffers than the module: the group means come from per-channel means (a
-    contiguous reduction in either layout, read straight from a half-precision ``x``), the
-    centring writes the float32 buffer that the norm reads (``reuse``: ``x`` is a float32
-    intermediate nobody else reads, so it is centred in place; a half-precision ``x`` is
-    centred into a kept buffer on the CPU), SiLU runs in place in float32 before the one cast
-    back (the module casts, then the reference applies SiLU). The centring offset need not be
-    exact: it is there to keep the kernel's E[x²] − E[x]² from cancelling, and the kernel then
-    takes the exact mean of what is left.
-    """
-    b, c, h, w = x.shape
-    g = norm.num_groups
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if channels_last:
-        t, sdim = x.permute(0, 2, 3, 1).reshape(b, h * w, c), 1
-    else:
-        t, sdim = x.reshape(b, c, h * w), 2
-    mean = _channel_group_mean(t, sdim, g).unsqueeze(sdim)
-    if reuse and t.dtype == torch.float32 and t.data_ptr() == x.data_ptr():
-        centred = t.sub_(mean)
-    elif t.dtype != torch.float32 and buffers.keeps(t):
-        centred = torch.sub(t, mean, out=buffers.scratch("centred", t.device, t.shape)[0])
-    else:
-        centred = torch.sub(t, mean)  # a half-precision t promotes to float32 here
-    centred = centred.view(b, h, w, c).permute(0, 3, 1, 2) if channels_last else centred.view(b, c, h, w)
-    w32 = norm.weight.float() if norm.weight is not None else None
-    b32 = norm.bias.float() if norm.bias is not None else None
-    y = F.group_norm(centred, g, w32, b32, norm.eps)
-    if act:
-        F.silu(y, inplace=True)
-    return y.to(x.dtype)
 
 
 def norm_act(norm: GroupNorm32, x: torch.Tensor, act: bool, call: _Call | None, reuse: bool = False) -> torch.Tensor:

@@ -26,7 +26,7 @@ from oxigaf.checkpoints import load_state, rename
 from oxigaf.config import VAEConfig, check_load_options
 from oxigaf.errors import ConfigError, InputError, ModelLoadError
 
-from . import common
+from . import common, winograd
 from .common import Conv2d, GroupNorm32, ResnetSkeleton, Upsample, attention
 
 EPS = 1e-6
@@ -240,6 +240,8 @@ class VAE(nn.Module):
         self.chunk_size = 1024
         self.tile_size = 0
         self.tile_overlap = 0
+        # the decoder's activation layout (load_vae: channels-last with Winograd convolutions)
+        self.channels_last = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -297,12 +299,14 @@ class VAE(nn.Module):
             zi = z[i:i + 1]
             if self.post_quant_conv is not None:
                 zi = self.post_quant_conv(zi)
+            if self.channels_last:
+                zi = zi.contiguous(memory_format=torch.channels_last)
             f = self.scale_factor
             if tile and (zi.shape[2] * f > tile or zi.shape[3] * f > tile):
                 outs.append(self._decode_tiled(zi, tile // f, overlap // f, mode))
             else:
                 outs.append(self.decoder(zi, mode, self.chunk_size))
-        return torch.cat(outs)
+        return torch.cat(outs).contiguous()
 
     def _decode_tiled(self, z, tile: int, overlap: int, mode: str):
         """One latent (1, C, h, w); tiles of ``tile`` latent pixels overlapping by ``overlap``.
@@ -352,7 +356,10 @@ def load_vae(folder: str | os.PathLike, *, dtype: str = "float32", device: str |
     ``tile_size`` / ``tile_overlap``: default decode tiling in pixels (see ``VAE``); 0 = never.
     ``attention`` / ``chunk_size``: mode of the mid-block attention (auto | sdpa | chunked | naive).
     ``winograd_conv``: the wide 3x3 convolutions of inference calls as Winograd F(4x4, 3x3)
-    (``winograd.Conv2d``); by default on for float32 on the CPU.
+    (``winograd.Conv2d``); by default on for float32 on the CPU. With it, a decoder that has
+    layers of ``winograd.MIN_CHANNELS_LAST`` channels runs channels-last, where Winograd pays
+    from that width (the SD VAE at 512 px: 0.65-0.69x the NCHW decode's time on 2 AMX cores);
+    the encoder, at the input's resolution only once per image, stays NCHW.
     """
     check_load_options(dtype, attention, chunk_size)
     config = VAEConfig.from_folder(folder)
@@ -362,4 +369,7 @@ def load_vae(folder: str | os.PathLike, *, dtype: str = "float32", device: str |
                               device=device, attention=attention, chunk_size=chunk_size, winograd_conv=winograd_conv)
     model.tile_size = tile_size
     model.tile_overlap = tile_overlap
+    model.channels_last = model.winograd_conv and bool(winograd.wide_layers(model.decoder, winograd.MIN_CHANNELS_LAST))
+    if model.channels_last:
+        model.decoder.to(memory_format=torch.channels_last)
     return model

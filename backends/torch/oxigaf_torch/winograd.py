@@ -41,12 +41,19 @@ OUT, TILE = 4, 6  # output tile and input tile sides
 # whose kept kernels would cost the most (7 GB more for the ImageDream UNet), so there they are
 # made per call (a 1280-channel layer at 8x8: 0.69x the direct time with that, 0.33x kept).
 MIN_CHANNELS = 320
+# On channels-last maps the tile gathers read whole channel rows and narrower layers pay too (2
+# AMX cores of an Intel Xeon, batch 1: 128 channels at 512x512 0.55x, 256 at 256x256 0.55x,
+# 256->128 at 512x512 0.81x; 64 channels 1.6x). NCHW there: 128 channels 1.1-1.3x, 256 0.8-0.9x.
+MIN_CHANNELS_LAST = 128
 MIN_SIZE = 8
 KEEP_SIZE = 16
 # The GEMM path takes outputs of at most this side (bfloat16 at 16x16 was 0.85-1.1x oneDNN's
 # time, float32 1.0x; float32 at 8x8 goes to Winograd first, 0.5x the GEMM's time there).
 GEMM_MAX_SIZE = 8
 GEMM_DTYPES = (torch.float32, torch.bfloat16)
+# The most bytes of tile intermediates ``conv3x3`` holds at once (it goes a band of tile rows at a
+# time): the ImageDream UNet's calls fit whole, the VAE's 512 px maps go in bands.
+BAND_BYTES = 256 << 20
 
 
 def transform_kernel(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,39 +75,51 @@ def is_channels_last(x: torch.Tensor) -> bool:
 def conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.conv2d(x, w, bias, padding=1)`` for (N, C_in, H, W) ``x`` with H and W multiples of 4,
     ``kernel`` = ``transform_kernel(w)``. The result has ``x``'s memory format (fastest:
-    channels-last, where every tile gather reads whole channel rows)."""
+    channels-last, where every tile gather reads whole channel rows).
+
+    Tiles are independent, so they go through the transforms a band of tile rows at a time, each
+    band's intermediates at most ``BAND_BYTES``: large maps (the VAE's at 512 px) then reuse one
+    kept buffer instead of page-faulting in a fresh gigabyte per call."""
     n, cin, h, w = x.shape
     cout = kernel.shape[2]
     th, tw = h // OUT, w // OUT
-    tiles = n * th * tw
     _, kb, ka = _transforms(x.device)
     channels_last = is_channels_last(x)
-    # The intermediates are views of one buffer kept between calls: fresh ones this large cost
-    # more in page faults than the transform GEMMs themselves (17 ms against 9 ms for one).
     padded_shape = (n, h + 2, w + 2, cin) if channels_last else (n, cin, h + 2, w + 2)
-    padded, d, v, m, y = buffers.scratch("tiles", x.device, padded_shape, (TILE, TILE, n, th, tw, cin),
-                                         (TILE * TILE, tiles, cin), (TILE * TILE, tiles, cout),
-                                         (OUT, OUT, n, th, tw, cout))
+    (padded,) = buffers.scratch("padded", x.device, padded_shape)
     if channels_last:
         padded[:, 0].zero_(), padded[:, -1].zero_(), padded[:, :, 0].zero_(), padded[:, :, -1].zero_()
         padded[:, 1:-1, 1:-1].copy_(x.permute(0, 2, 3, 1))
         windows = padded.unfold(1, TILE, OUT).unfold(2, TILE, OUT)  # (N, th, tw, C, 6, 6), a view
         windows = windows.permute(4, 5, 0, 1, 2, 3)
+        out = torch.empty((n, h, w, cout), device=x.device, dtype=x.dtype)
     else:
         padded[:, :, 0].zero_(), padded[:, :, -1].zero_(), padded[..., 0].zero_(), padded[..., -1].zero_()
         padded[:, :, 1:-1, 1:-1].copy_(x)
         windows = padded.unfold(2, TILE, OUT).unfold(3, TILE, OUT)  # (N, C, th, tw, 6, 6)
         windows = windows.permute(4, 5, 0, 2, 3, 1)
-    d.copy_(windows)  # the one gather
-    torch.mm(kb, d.view(TILE * TILE, -1), out=v.view(TILE * TILE, -1))
-    torch.bmm(v, kernel, out=m)
-    torch.mm(ka, m.view(TILE * TILE, -1), out=y.view(OUT * OUT, -1))
+        out = torch.empty((n, cout, h, w), device=x.device, dtype=x.dtype)
+    # bytes per tile row of the band's intermediates: d and v (36 x C_in), m (36 x C_out), y (16 x C_out)
+    row_bytes = n * tw * (2 * TILE * TILE * cin + (TILE * TILE + OUT * OUT) * cout) * x.element_size()
+    band = max(1, min(th, BAND_BYTES // row_bytes))
+    for r0 in range(0, th, band):
+        rows = min(band, th - r0)
+        tiles = n * rows * tw
+        d, v, m, y = buffers.scratch("tiles", x.device, (TILE, TILE, n, rows, tw, cin), (TILE * TILE, tiles, cin),
+                                     (TILE * TILE, tiles, cout), (OUT, OUT, n, rows, tw, cout))
+        d.copy_(windows[:, :, :, r0:r0 + rows])  # the one gather
+        torch.mm(kb, d.view(TILE * TILE, -1), out=v.view(TILE * TILE, -1))
+        torch.bmm(v, kernel, out=m)
+        torch.mm(ka, m.view(TILE * TILE, -1), out=y.view(OUT * OUT, -1))
+        lines = slice(OUT * r0, OUT * (r0 + rows))
+        if channels_last:
+            out[:, lines].view(n, rows, OUT, tw, OUT, cout).copy_(y.permute(2, 3, 0, 4, 1, 5))
+        else:
+            out[:, :, lines].view(n, cout, rows, OUT, tw, OUT).copy_(y.permute(2, 5, 3, 0, 4, 1))
     if channels_last:
-        out = y.permute(2, 3, 0, 4, 1, 5).reshape(n, h, w, cout)
         if bias is not None:
             out += bias
         return out.permute(0, 3, 1, 2)
-    out = y.permute(2, 5, 3, 0, 4, 1).reshape(n, cout, h, w)
     if bias is not None:
         out += bias[:, None, None]
     return out
@@ -170,21 +189,22 @@ class Conv2d(nn.Conv2d):
     def applies(self, x: torch.Tensor) -> bool:
         """Whether this call runs as Winograd F(4x4, 3x3) (with ``winograd`` set)."""
         h, w = x.shape[-2:]
-        return (self._wide_3x3_inference(x) and self.stride == (1, 1) and x.dtype == torch.float32
+        channels = MIN_CHANNELS_LAST if x.ndim == 4 and is_channels_last(x) else MIN_CHANNELS
+        return (self._wide_3x3_inference(x, channels) and self.stride == (1, 1) and x.dtype == torch.float32
                 and min(h, w) >= MIN_SIZE and h % OUT == 0 and w % OUT == 0)
 
     def gemm_applies(self, x: torch.Tensor) -> bool:
         """Whether this call runs as one im2col GEMM (``conv3x3_gemm``)."""
         h, w = x.shape[-2:]
         s = self.stride[0]
-        return (self._wide_3x3_inference(x) and self.stride in ((1, 1), (2, 2)) and x.dtype in GEMM_DTYPES
+        return (self._wide_3x3_inference(x, MIN_CHANNELS) and self.stride in ((1, 1), (2, 2)) and x.dtype in GEMM_DTYPES
                 and max((h - 1) // s + 1, (w - 1) // s + 1) <= GEMM_MAX_SIZE)
 
-    def _wide_3x3_inference(self, x: torch.Tensor) -> bool:
+    def _wide_3x3_inference(self, x: torch.Tensor, min_channels: int) -> bool:
         return (self.kernel_size == (3, 3) and self.padding == (1, 1) and self.dilation == (1, 1)
                 and self.groups == 1 and self.padding_mode == "zeros" and x.ndim == 4
                 and x.dtype == self.weight.dtype and x.device.type == "cpu"
-                and min(self.in_channels, self.out_channels) >= MIN_CHANNELS
+                and min(self.in_channels, self.out_channels) >= min_channels
                 and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
     def _match_layout(self, layout: torch.memory_format) -> None:
@@ -205,9 +225,11 @@ class Conv2d(nn.Conv2d):
         return self._winograd_kernel
 
 
-def wide_layers(model: nn.Module) -> list[Conv2d]:
-    """The ``Conv2d`` layers of ``model`` wide enough for Winograd (``MIN_CHANNELS``)."""
-    return [m for m in model.modules() if isinstance(m, Conv2d) and min(m.in_channels, m.out_channels) >= MIN_CHANNELS]
+def wide_layers(model: nn.Module, min_channels: int | None = None) -> list[Conv2d]:
+    """The ``Conv2d`` layers of ``model`` wide enough for Winograd (``MIN_CHANNELS``, or
+    ``min_channels``: ``MIN_CHANNELS_LAST`` for a model run channels-last)."""
+    least = MIN_CHANNELS if min_channels is None else min_channels
+    return [m for m in model.modules() if isinstance(m, Conv2d) and min(m.in_channels, m.out_channels) >= least]
 
 
 def enable(model: nn.Module, on: bool) -> nn.Module:
