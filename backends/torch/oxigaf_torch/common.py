@@ -133,8 +133,10 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x):
-        if x.ndim == 4 and winograd.is_channels_last(x):
-            return group_norm_act(self, x, act=False, reuse=False)  # the same centring, layout kept
+        if x.ndim == 4 and winograd.is_channels_last(x) and not torch.is_grad_enabled():
+            # the same centring, the layout kept (under autograd the copy below, whose gradient
+            # torch knows, and an NCHW result)
+            return group_norm_act(self, x, act=False, reuse=False)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         xf = x.float()
