@@ -3,6 +3,10 @@
 The core never imports mlx or torch: it hands numpy arrays to a backend, gets backend arrays
 back from its models, combines them with Python operators (``+``, ``*``, slicing), and turns
 them back into numpy at the end. Tensors are NCHW at this interface.
+
+Optional, used where a backend has them: ``reset_peak_memory()`` (before each generation),
+``clear_cache()`` (hand back memory kept for reuse; ``low_memory`` calls it on release) and
+``compile_function(fn)`` (``DiffusionConfig.compile``'s fused guided DDIM step).
 """
 
 from __future__ import annotations
