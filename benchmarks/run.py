@@ -431,7 +431,7 @@ def describe(doc: dict) -> str:
             f"diffusers {m.get('diffusers')}"
             + (f" (mlx CPU BLAS: {m['mlx_cpu_blas']})" if m.get("mlx_cpu_blas") else "")
             + f"; commit {m.get('git_commit')}; load average at start {load}; "
-            f"wall time {doc.get('wall_seconds'):.0f} s")
+            + (f"wall time {doc['wall_seconds']:.0f} s" if doc.get("wall_seconds") is not None else "wall time -"))
 
 
 # --------------------------------------------------------------------------- main
