@@ -164,7 +164,8 @@ def _channel_group_mean(t: torch.Tensor, sdim: int, groups: int) -> torch.Tensor
 
 def group_norm_act(norm: GroupNorm32, x: torch.Tensor, act: bool, reuse: bool) -> torch.Tensor:
     """``silu(norm(x))`` (or ``norm(x)``) for inference, with ``GroupNorm32``'s numerics: each
-    group is centred in float32 first, then ``F.group_norm`` (float32 weights) normalises it.
+    group is centred in float32 first, then ``F.group_norm`` (float32 weights) normalises it, or
+    on channels-last maps of ``LARGE_MAP`` positions and more ``_normalise_by_rows``.
 
     Fewer passes and buffers than the module: the group means come from per-channel means (a
     contiguous reduction in either layout, read straight from a half-precision ``x``), the
