@@ -17,87 +17,43 @@ _THREADS = os.environ.get("OXIGAF_TEST_THREADS", "1")
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, _THREADS)
 
-# The mlx[cpu] wheel for Linux bundles a reference BLAS, ~10x slower than an optimised one (a 3x3
-# convolution of the e2e model: 0.28 s against 0.027 s). So the test run restarts itself once with
-# a fast BLAS preloaded for MLX: the OpenBLAS inside scipy's wheel (a dev dependency), whose symbols
-# carry a "scipy_" prefix, behind a shim of two forwarding functions (cblas_sgemm, cblas_dgemm)
-# compiled once with the system C compiler; else Debian's OpenBLAS where it is installed
-# (libopenblas0-pthread). The shim comes first because preloading Debian's whole BLAS also hands
-# torch its sgemm: a 2048x512x512 matmul took 0.41 s instead of 0.085 s, and the suite 7m26s
-# instead of 5m13s. Results are the same to float32 rounding. A test-only speed-up: the package
-# never does this. OXIGAF_TEST_OPENBLAS=0 turns it off, =debian picks Debian's OpenBLAS.
-_OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-_SHIM = r"""
-typedef int blasint;
-#define FORWARD(T, NAME) \
-  extern void scipy_##NAME(int, int, int, blasint, blasint, blasint, T, const T *, blasint, const T *, blasint, T, \
-                           T *, blasint); \
-  void NAME(int o, int ta, int tb, blasint m, blasint n, blasint k, T alpha, const T *a, blasint lda, const T *b, \
-            blasint ldb, T beta, T *c, blasint ldc) { \
-    scipy_##NAME(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc); }
-FORWARD(float, cblas_sgemm)
-FORWARD(double, cblas_dgemm)
-"""
+# The mlx[cpu] wheel for Linux bundles netlib's reference BLAS, ~50x slower than an optimised one
+# (a 1024x1024 float32 matmul on one thread: 0.93 s against 18.5 ms), and MLX's CPU matmuls and
+# convolutions all go through its cblas_sgemm. That wrapper calls the Fortran sgemm_ through the
+# PLT, so whatever library in the process's global symbol scope exports sgemm_ serves it. torch's
+# libtorch_cpu.so exports MKL's sgemm_ and dgemm_ (linked in statically). So the suite imports torch
+# and promotes its already-loaded library to the global scope before anything loads MLX: MLX's
+# matmuls then run on MKL, with no compiler, no system package and no restart. Same results to
+# float32 rounding. A test-only speed-up: the package never does this.
+# OXIGAF_TEST_MLX_BLAS=reference keeps the wheel's own BLAS.
+def _lend_torch_blas_to_mlx() -> str:
+    """What MLX's CPU BLAS is in this process: "torch's MKL", or "reference" and why."""
+    import ctypes
 
-
-def _scipy_openblas_shim() -> str | None:
-    """A shared library exporting cblas_sgemm/dgemm from scipy's bundled OpenBLAS, built once into
-    a cache folder; None without scipy's OpenBLAS or a C compiler."""
-    import glob
-    import hashlib
-    import importlib.util
-    import shutil
-    import subprocess
-    import tempfile
-
-    spec = importlib.util.find_spec("scipy")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if spec is None or spec.origin is None or cc is None:
-        return None
-    libs = sorted(glob.glob(str(Path(spec.origin).parents[1] / "scipy.libs" / "libscipy_openblas*.so")))
-    if not libs:
-        return None
-    lib = Path(libs[-1])
-    key = hashlib.sha256((_SHIM + str(lib)).encode()).hexdigest()[:16]
-    out = Path(tempfile.gettempdir()) / f"oxigaf-test-cblas-{key}.so"
-    if out.is_file():
-        return str(out)
-    src = out.with_suffix(f".{os.getpid()}.c")
-    src.write_text(_SHIM)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    if sys.platform != "linux":
+        return "the platform's (not Linux)"
+    if os.environ.get("OXIGAF_TEST_MLX_BLAS") == "reference":
+        return "reference (OXIGAF_TEST_MLX_BLAS=reference)"
+    if "mlx.core" in sys.modules:  # its symbols were bound when it loaded (Python dlopens with RTLD_NOW)
+        return "reference (mlx was loaded before tests/conftest.py)"
     try:
-        subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(tmp), f"-L{lib.parent}", f"-l:{lib.name}",
-                        f"-Wl,-rpath,{lib.parent}"], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, out)  # several processes may build it at once: each renames a whole file
-    except (OSError, subprocess.SubprocessError):
-        return None
-    finally:
-        src.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
-    return str(out)
+        import torch
+    except ImportError:
+        return "reference (torch is not installed)"
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"),
+                          mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+        lib.sgemm_  # noqa: B018 (torch builds without MKL, as on ARM, export none)
+    except (OSError, AttributeError) as e:
+        return f"reference ({e})"
+    return "torch's MKL"
 
 
-def pytest_configure(config):
-    if not (
-        sys.platform == "linux"
-        and not hasattr(config, "workerinput")  # an xdist worker inherits its controller's environment
-        and os.environ.get("OXIGAF_TEST_OPENBLAS", "1") != "0"
-        and "mlx" not in sys.modules
-    ):
-        return
-    blas = None if os.environ.get("OXIGAF_TEST_OPENBLAS") == "debian" else _scipy_openblas_shim()
-    if blas is None and os.path.exists(_OPENBLAS):
-        blas = _OPENBLAS
-    if blas is None or blas in os.environ.get("LD_PRELOAD", ""):
-        return
-    capture = config.pluginmanager.getplugin("capturemanager")
-    if capture is not None:
-        capture.stop_global_capturing()  # give the new process the real stdout and stderr
-    env = {**os.environ, "LD_PRELOAD": ":".join(filter(None, [blas, os.environ.get("LD_PRELOAD")])),
-           "OXIGAF_TEST_OPENBLAS": "0"}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "pytest", *config.invocation_params.args], env)
+MLX_BLAS = _lend_torch_blas_to_mlx()
+
+
+def pytest_report_header(config):
+    return f"mlx CPU BLAS: {MLX_BLAS}"
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -110,8 +66,8 @@ def pytest_xdist_auto_num_workers(config):
 # hands each worker two files at the start, in collection order, and one more whenever it is down
 # to one. The two heaviest files start first, one per worker; the small third one is what waits
 # behind the heaviest. By default xdist would order the files by their number of tests, and the
-# MLX reference run (test_pipeline_e2e.py: 6 to 10 minutes on 2 cores without a fast BLAS) could
-# start last.
+# MLX reference run (test_pipeline_e2e.py: about 3 minutes on 2 cores with torch's MKL, 10 to 11
+# on the reference BLAS) could start last.
 RUN_FIRST = ("test_pipeline_e2e.py", "test_refine.py", "test_config.py", "test_toys.py")
 
 

@@ -1,6 +1,7 @@
 """The MLX multi-view UNet against the reference fixtures, the torch backend and real manifests.
 
-MLX on a Linux CPU runs with a slow bundled BLAS, so every call here is on the tiny fixtures
+MLX on a Linux CPU is slow (its wheel's reference BLAS, for which tests/conftest.py lends it
+torch's MKL, and a scalar exp), so every call here is on the tiny fixtures
 (16×16 latents), models are loaded once per module, and the float16/bfloat16 and "must matter"
 checks use the first batch item only (its expected output does not depend on the second item:
 attention and GroupNorm never mix batch items).
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +35,26 @@ TOL = 1e-4
 DTYPE_TOL = {"float16": 3e-3, "bfloat16": 2e-2}
 # Several query blocks at every attention level: 1280 tokens at 16×16 (5 views), 320 at 8×8.
 CHUNK = 192
+
+
+def test_mlx_runs_on_the_blas_the_conftest_lends_it():
+    # Without it the suite takes 12 minutes instead of 5 on 2 cores; a torch that stopped exporting
+    # MKL's sgemm_ would otherwise only show as a slow run.
+    import ctypes
+    import sys
+
+    import conftest
+
+    if sys.platform != "linux" or importlib.util.find_spec("torch") is None:
+        pytest.skip("the lending is for MLX's Linux wheel, from torch")
+    if os.environ.get("OXIGAF_TEST_MLX_BLAS") == "reference":
+        pytest.skip("OXIGAF_TEST_MLX_BLAS=reference")
+    assert conftest.MLX_BLAS == "torch's MKL", conftest.MLX_BLAS
+    import torch
+
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"), mode=os.RTLD_NOLOAD)
+    found = ctypes.CDLL(None).sgemm_  # the symbol the global scope gives: what MLX's BLAS binds to
+    assert ctypes.cast(found, ctypes.c_void_p).value == ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
 
 
 class Case:
