@@ -36,15 +36,23 @@ MLX_CPU_SEQS = {"quick": (1024, 5120), "full": (1024, 5120, 8192)}
 
 
 def _mlx_cpu_blas(args) -> str | None:
-    """The BLAS that mlx's CPU processes get: "openblas" (preloaded) or "reference"."""
+    """The BLAS that mlx's CPU processes get: "torch" (torch's MKL, lent), "openblas" (preloaded)
+    or "reference"."""
     if not sys.platform.startswith("linux"):
         return None
+    if args.mlx_blas == "torch" and _have("torch"):
+        return "torch"
     return "openblas" if args.mlx_blas == "openblas" and os.path.exists(OPENBLAS) else "reference"
+
+
 MARK = "@@RESULT "
-# Debian's OpenBLAS (package libopenblas0-pthread). Preloaded into mlx's processes it replaces the
-# reference BLAS that mlx's Linux CPU wheel bundles (35-70x faster matmuls and convolutions here,
-# same results); the test suite does the same. --mlx-blas reference turns it off.
+# What mlx's Linux CPU wheel gets instead of the reference BLAS it bundles (35-70x slower matmuls
+# and convolutions here). "torch" (the default, as in the test suite): torch's MKL, lent before mlx
+# loads (oxigaf_mlx.blas says how). "openblas": Debian's OpenBLAS (package libopenblas0-pthread),
+# preloaded. Same results either way; --mlx-blas reference keeps the wheel's own.
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+# tells a case process to lend mlx torch's MKL before anything imports mlx
+LEND_ENV = "OXIGAF_BENCH_MLX_BLAS"
 
 
 def _have(name: str) -> bool:
@@ -448,15 +456,21 @@ def main(argv=None) -> int:
                    help="run only these benchmarks")
     p.add_argument("--seqs", nargs="+", type=int,
                    help=f"attention sequence lengths (default {' '.join(map(str, SEQS))})")
-    p.add_argument("--mlx-blas", choices=["openblas", "reference"], default="openblas",
-                   help="mlx on a Linux CPU: preload Debian's OpenBLAS when installed (default) or keep the "
-                        "reference BLAS its wheel bundles")
+    p.add_argument("--mlx-blas", choices=["torch", "openblas", "reference"], default="torch",
+                   help="mlx on a Linux CPU: lend it torch's MKL (default), preload Debian's OpenBLAS when "
+                        "installed, or keep the reference BLAS its wheel bundles")
     p.add_argument("--table", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per case")
     args = p.parse_args(argv)
 
     if args.case:
+        if os.environ.get(LEND_ENV) == "torch":
+            from oxigaf_mlx.blas import TORCH_MKL, lend_torch_blas
+
+            lent = lend_torch_blas()
+            if lent != TORCH_MKL:  # the plan assumed a fast BLAS: fail rather than run for hours
+                sys.exit(f"mlx CPU BLAS: {lent}")
         import cases
 
         for i, spec in enumerate(json.loads(args.case)):
@@ -496,7 +510,9 @@ def main(argv=None) -> int:
         env, blas = None, None
         if group[0]["backend"] == "mlx" and not _on_gpu("mlx"):
             blas = _mlx_cpu_blas(args)
-            if blas == "openblas":
+            if blas == "torch":
+                env = {**os.environ, LEND_ENV: "torch"}
+            elif blas == "openblas":
                 env = {**os.environ, "LD_PRELOAD": ":".join(filter(None, [OPENBLAS, os.environ.get("LD_PRELOAD")]))}
         got = [p for p in pre if p is not None] + (run_group(todo, timeout * len(todo), env) if todo else [])
         if blas:

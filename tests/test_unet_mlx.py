@@ -13,6 +13,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 from oxigaf.cameras import raw_camera_matrix  # noqa: E402
 from oxigaf.checkpoints import manifest_shapes, write_random_checkpoint  # noqa: E402
 from oxigaf.errors import InputError, ModelLoadError  # noqa: E402
+from oxigaf_mlx.blas import TORCH_MKL  # noqa: E402
 from oxigaf_mlx.unet import load_unet  # noqa: E402
 
 from conftest import CHECKPOINTS, FIXTURES, rel_l2  # noqa: E402
@@ -41,7 +44,6 @@ def test_mlx_runs_on_the_blas_the_conftest_lends_it():
     # Without it the suite takes 12 minutes instead of 5 on 2 cores; a torch that stopped exporting
     # MKL's sgemm_ would otherwise only show as a slow run.
     import ctypes
-    import sys
 
     import conftest
 
@@ -49,13 +51,21 @@ def test_mlx_runs_on_the_blas_the_conftest_lends_it():
         pytest.skip("the lending is for MLX's Linux wheel, from torch")
     if os.environ.get("OXIGAF_TEST_MLX_BLAS") == "reference":
         pytest.skip("OXIGAF_TEST_MLX_BLAS=reference")
-    assert conftest.MLX_BLAS == "torch's MKL", conftest.MLX_BLAS
+    assert conftest.MLX_BLAS == TORCH_MKL, conftest.MLX_BLAS
     import torch
 
     lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"), mode=os.RTLD_NOLOAD)
     found = ctypes.CDLL(None).sgemm_  # the symbol the global scope gives: what MLX's BLAS binds to
     assert ctypes.cast(found, ctypes.c_void_p).value == ctypes.cast(lib.sgemm_, ctypes.c_void_p).value
 
+
+
+def test_lending_refuses_once_mlx_is_loaded():
+    # MLX's BLAS binds sgemm_ when it loads, so lending after that would change nothing: it says so
+    code = "import mlx.core; from oxigaf_mlx.blas import lend_torch_blas; print(lend_torch_blas())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    expected = "reference (mlx was loaded first)" if sys.platform == "linux" else "the platform's (not Linux)"
+    assert out.strip() == expected
 
 class Case:
     def __init__(self, name: str):
