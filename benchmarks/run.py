@@ -46,10 +46,10 @@ def _mlx_cpu_blas(args) -> str | None:
 
 
 MARK = "@@RESULT "
-# What mlx's Linux CPU wheel gets instead of the reference BLAS it bundles (35-70x slower matmuls
-# and convolutions here). "torch" (the default, as in the test suite): torch's MKL, lent before mlx
-# loads (oxigaf_mlx.blas says how). "openblas": Debian's OpenBLAS (package libopenblas0-pthread),
-# preloaded. Same results either way; --mlx-blas reference keeps the wheel's own.
+# What mlx's Linux CPU wheel gets instead of the reference BLAS it bundles (on which its matmuls and
+# convolutions are 35-70x slower here). "torch" (the default, as in the test suite): torch's MKL,
+# lent before mlx loads (oxigaf_mlx.blas says how). "openblas": Debian's OpenBLAS (package
+# libopenblas0-pthread), preloaded. Same results either way; --mlx-blas reference keeps the wheel's.
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 # tells a case process to lend mlx torch's MKL before anything imports mlx
 LEND_ENV = "OXIGAF_BENCH_MLX_BLAS"
