@@ -4,9 +4,9 @@ The core never imports mlx or torch: it hands numpy arrays to a backend, gets ba
 back from its models, combines them with Python operators (``+``, ``*``, slicing), and turns
 them back into numpy at the end. Tensors are NCHW at this interface.
 
-Optional, used where a backend has them: ``reset_peak_memory()`` (before each generation),
-``clear_cache()`` (hand back memory kept for reuse; ``low_memory`` calls it on release) and
-``compile_function(fn)`` (``DiffusionConfig.compile``'s fused guided DDIM step).
+``Backend`` is the whole contract: a backend subclasses it and implements the required methods;
+the optional ones have defaults here, so the core calls every method unconditionally and never
+asks a backend what it has.
 """
 
 from __future__ import annotations
@@ -14,33 +14,83 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
+
+from .errors import BackendError
 
 Array = Any  # a backend's array type (mx.array, torch.Tensor)
 
 
-@runtime_checkable
-class Backend(Protocol):
-    name: str
-    device: str
-    dtype: str
+class Backend:
+    """What the core calls on a backend. Subclasses set ``name``, ``device`` and ``dtype``."""
 
-    # arrays
-    def asarray(self, x: np.ndarray, dtype: str | None = None) -> Array: ...
-    def to_numpy(self, x: Array) -> np.ndarray: ...
-    def concat(self, xs: list[Array], axis: int = 0) -> Array: ...
-    def synchronize(self, x: Array | None = None) -> None: ...
-    def memory(self) -> dict[str, int | None]: ...
-    def isfinite(self, x: Array) -> bool: ...
+    name: str = "?"
+    device: Any = None
+    dtype: str = "float32"
 
-    # models: each takes a component folder (the one holding config.json)
-    def load_unet(self, folder: str | os.PathLike, *, attention: str = "auto", **kw) -> Callable: ...
-    def load_vae(self, folder: str | os.PathLike, **kw) -> Any: ...
-    def load_image_encoder(self, folder: str | os.PathLike, **kw) -> Callable: ...
-    def load_text_encoder(self, folder: str | os.PathLike, **kw) -> Callable: ...
-    def load_upsampler_unet(self, folder: str | os.PathLike, **kw) -> Callable: ...
+    # ---------------------------------------------------------------- arrays (required)
+    def asarray(self, x: np.ndarray, dtype: str | None = None) -> Array:
+        raise NotImplementedError
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        raise NotImplementedError
+
+    def concat(self, xs: list[Array], axis: int = 0) -> Array:
+        raise NotImplementedError
+
+    def synchronize(self, x: Array | None = None) -> None:
+        """Wait until ``x`` (or all queued work) is computed: timings and memory readings need it."""
+        raise NotImplementedError
+
+    def memory(self) -> dict[str, int | None]:
+        """``{"current": bytes, "peak": bytes}``, None where the backend cannot tell."""
+        raise NotImplementedError
+
+    def isfinite(self, x: Array) -> bool:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- models (required)
+    # Each takes a component folder (the one holding config.json) and loads it strictly.
+    def load_unet(self, folder: str | os.PathLike, *, attention: str = "auto", **kw) -> Callable:
+        raise NotImplementedError
+
+    def load_vae(self, folder: str | os.PathLike, **kw) -> Any:
+        raise NotImplementedError
+
+    def load_image_encoder(self, folder: str | os.PathLike, **kw) -> Callable:
+        raise NotImplementedError
+
+    def load_text_encoder(self, folder: str | os.PathLike, **kw) -> Callable:
+        raise NotImplementedError
+
+    def load_upsampler_unet(self, folder: str | os.PathLike, **kw) -> Callable:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- optional, with defaults
+    def versions(self) -> dict[str, str]:
+        """What ``oxigaf info`` and ``oxigaf.json`` report: the framework's version, the device."""
+        return {}
+
+    def reset_peak_memory(self) -> None:
+        """Start a new peak-memory reading (before each generation)."""
+
+    def clear_cache(self) -> None:
+        """Hand back memory kept for reuse (``low_memory`` calls it when it releases a model)."""
+
+    def compile_function(self, fn: Callable) -> Callable:
+        """``fn`` compiled into one graph (``DiffusionConfig.compile``'s guided DDIM step);
+        by default ``fn`` itself, which gives the same numbers."""
+        return fn
+
+    def unet_trainer(self, config, state: dict[str, np.ndarray], **kw):
+        """Loss, gradients and the optimiser step of the UNet (``oxigaf.training``)."""
+        raise BackendError(f"the {self.name} backend cannot train a UNet")
+
+    def apply_lora(self, model, deltas: dict[str, np.ndarray]):
+        """``model`` with LoRA weight deltas added to the named parameters."""
+        raise BackendError(f"the {self.name} backend cannot apply LoRA weights")
 
 
 @dataclass(frozen=True)
