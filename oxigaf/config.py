@@ -79,13 +79,20 @@ class DiffusionConfig:
     - ``compile``: compile the UNet's step (torch: ``torch.compile``, on CUDA with CUDA graphs,
       mode "reduce-overhead"; mlx: ``mx.compile``, which also fuses the guidance and the DDIM step
       into one graph). The first steps are slow while it compiles; same numbers to 1e-4.
+    - ``prediction_type``: None takes the model's ``scheduler/scheduler_config.json``; set, it
+      overrides what the scheduler predicts (``epsilon``, ``v_prediction``, ``sample``).
+    - ``eta``: DDIM's η (0: deterministic DDIM; 1: DDPM-like fresh noise each step).
+    - ``ip_weight``: ImageDream's identity strength, the scale of the UNet's image-prompt
+      cross-attention (1.0: the published model).
+
+    ``to_dict()`` / ``from_dict()`` turn it into plain JSON values and back (``oxigaf.json``).
     """
 
     num_views: int = 4
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
     use_flash_attention: bool = True
-    prediction_type: str = "epsilon"
+    prediction_type: str | None = None
     dtype: str = "float32"
     vae_dtype: str = "float32"
     attention: str = "auto"
@@ -103,9 +110,10 @@ class DiffusionConfig:
         check_positive_int(self.num_views, "num_views")
         check_positive_int(self.num_inference_steps, "num_inference_steps")
         check_guidance(self.guidance_scale)
-        if self.prediction_type not in PREDICTION_TYPES:
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(
-                f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {self.prediction_type!r}"
+                f"prediction_type must be None (the model's scheduler decides) or one of "
+                f"{', '.join(PREDICTION_TYPES)}; got {self.prediction_type!r}"
             )
         check_dtype(self.dtype)
         check_dtype(self.vae_dtype, "vae_dtype")
@@ -122,8 +130,11 @@ class DiffusionConfig:
         check_positive_int(self.upsampler_steps, "upsampler_steps")
         if not isinstance(self.vae_tile_size, int) or self.vae_tile_size < 0 or self.vae_tile_size % 8:
             raise ConfigError(f"vae_tile_size must be 0 or a positive multiple of 8; got {self.vae_tile_size!r}")
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile must be True or False; got {self.compile!r}")
+        for name in ("use_flash_attention", "low_memory", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        for name in ("guidance_scale", "elevation", "eta", "ip_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))  # 5 and 5.0 are one setting
 
     @property
     def attention_mode(self) -> str:
@@ -134,6 +145,21 @@ class DiffusionConfig:
 
     def replace(self, **changes) -> DiffusionConfig:
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as a plain JSON value; ``from_dict`` gives back an equal config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiffusionConfig:
+        """The config ``to_dict`` wrote. A missing field takes its default; an unknown one is a
+        ``ConfigError`` (a newer oxigaf's setting would otherwise be silently dropped)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a DiffusionConfig must be a JSON object; got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown DiffusionConfig setting(s): {', '.join(map(str, unknown))}")
+        return cls(**data)
 
 
 # --------------------------------------------------------------------------- model configs

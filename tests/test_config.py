@@ -20,9 +20,48 @@ from conftest import CHECKPOINTS
 
 def test_defaults_are_valid_and_carry_the_seed_fields():
     cfg = DiffusionConfig()
-    assert (cfg.num_views, cfg.num_inference_steps, cfg.use_flash_attention, cfg.prediction_type) == (
-        4, 50, True, "epsilon")
+    assert (cfg.num_views, cfg.num_inference_steps, cfg.use_flash_attention) == (4, 50, True)
     assert 1.0 <= cfg.guidance_scale <= 20.0
+
+
+def test_prediction_type_defaults_to_none_so_the_scheduler_decides():
+    assert DiffusionConfig().prediction_type is None
+    for kind in ("epsilon", "v_prediction", "sample"):
+        assert DiffusionConfig(prediction_type=kind).prediction_type == kind
+
+
+def test_to_dict_from_dict_round_trips_through_json():
+    import dataclasses
+
+    changed = DiffusionConfig(num_views=3, num_inference_steps=7, guidance_scale=2.5, use_flash_attention=False,
+                              prediction_type="v_prediction", dtype="bfloat16", vae_dtype="float16",
+                              attention="chunked", attention_chunk_size=64, elevation=-12.25, seed=123456789,
+                              eta=0.3, ip_weight=0.7, upsampler_steps=3, low_memory=True, vae_tile_size=64,
+                              compile=True)
+    # every field differs from the default: the round trip below covers them all
+    default = DiffusionConfig()
+    assert [f.name for f in dataclasses.fields(DiffusionConfig)
+            if getattr(changed, f.name) == getattr(default, f.name)] == []
+    for cfg in (default, changed):
+        data = json.loads(json.dumps(cfg.to_dict()))
+        assert set(data) == {f.name for f in dataclasses.fields(DiffusionConfig)}
+        back = DiffusionConfig.from_dict(data)
+        assert back == cfg and back.to_dict() == cfg.to_dict()
+    # a number written as an integer is the same setting as its float
+    assert DiffusionConfig(guidance_scale=5, elevation=10).to_dict() == DiffusionConfig(
+        guidance_scale=5.0, elevation=10.0).to_dict()
+    assert DiffusionConfig.from_dict({"num_views": 2}) == DiffusionConfig(num_views=2)
+
+
+def test_from_dict_refuses_unknown_settings_and_bad_values():
+    with pytest.raises(ConfigError, match="warp_speed"):
+        DiffusionConfig.from_dict({"num_views": 2, "warp_speed": 9})
+    with pytest.raises(ConfigError, match="JSON object"):
+        DiffusionConfig.from_dict([1, 2])
+    with pytest.raises(ConfigError, match="ip_weight"):
+        DiffusionConfig.from_dict({"ip_weight": "strong"})
+    with pytest.raises(ConfigError, match="low_memory"):
+        DiffusionConfig.from_dict({"low_memory": "yes"})
 
 
 @pytest.mark.parametrize("field,value", [
@@ -30,7 +69,8 @@ def test_defaults_are_valid_and_carry_the_seed_fields():
     ("num_views", 0), ("num_views", 2.0), ("num_inference_steps", 0), ("num_inference_steps", -3),
     ("dtype", "float8"), ("vae_dtype", "int8"), ("attention", "flash"), ("prediction_type", "x0"),
     ("elevation", math.inf), ("elevation", 90.0), ("seed", -1), ("eta", -0.1), ("upsampler_steps", 0),
-    ("vae_tile_size", 100), ("attention_chunk_size", 0),
+    ("vae_tile_size", 100), ("attention_chunk_size", 0), ("ip_weight", math.inf), ("eta", "0"), ("prediction_type", ""),
+    ("use_flash_attention", 1), ("low_memory", None), ("compile", "yes"),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError) as err:
