@@ -255,7 +255,7 @@ def _rel_l2(a, b) -> float:
 
 def _preloaded_blas() -> bool:
     """mlx's process got OpenBLAS through LD_PRELOAD (run.py's default on a Linux CPU). It then
-    also serves torch's own BLAS calls (the Linear layers), several times slower than MKL here,
+    also serves torch's own BLAS calls (the Linear layers), several times slower than MKL,
     so a torch baseline in that process would be wrong: run.py takes it from the torch process."""
     return "openblas" in os.environ.get("LD_PRELOAD", "")
 

@@ -5,7 +5,7 @@ overhead, VAE decoding and the whole pipeline, per backend. Prints a table, writ
 
 Every case runs in a fresh Python process (so peak memory is that case's alone, and a case that
 runs out of memory or time is reported, not fatal). Ratios compare against a baseline timed in
-the same process, alternating call by call, median of the runs: this machine is shared and noisy.
+the same process, alternating call by call, median of the runs: a shared machine is noisy.
 See README.md for the method and cases.py for how time and memory are measured.
 """
 
@@ -47,7 +47,7 @@ def _mlx_cpu_blas(args) -> str | None:
 
 MARK = "@@RESULT "
 # What mlx's Linux CPU wheel gets instead of the reference BLAS it bundles (on which its matmuls and
-# convolutions are 35-70x slower here). "torch" (the default, as in the test suite): torch's MKL,
+# convolutions are far slower; docs/performance.md). "torch" (the default, as in the test suite): torch's MKL,
 # lent before mlx loads (oxigaf_mlx.blas says how). "openblas": Debian's OpenBLAS (package
 # libopenblas0-pthread), preloaded. Same results either way; --mlx-blas reference keeps the wheel's.
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
@@ -180,7 +180,7 @@ def plan(args) -> list[dict]:
             if backend == "mlx" and not gpu and quick:
                 spec["sizes"] = [256]
             if slow:
-                # one 256 px decode took about 5 minutes here
+                # minutes per decode on the reference BLAS
                 spec.update(sizes=[256], rounds=1)
                 if quick:
                     spec["skipped"] = "not run on mlx's CPU backend in --quick (minutes per decode with its " \

@@ -9,17 +9,16 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 # One compute thread per test process (torch's OpenMP pool, OpenBLAS's pthreads), set before
 # either library loads. The test shapes are tiny, so a second thread buys little even on an idle
-# machine, and on a loaded one (this 2-core machine is shared) every operator's thread barrier
-# waits for a descheduled thread: a tiny UNet call took 8.0 s with 2 threads and 0.81 s with 1
-# at load 11. Results are the same to float32 rounding. OXIGAF_TEST_THREADS=N chooses another count.
+# machine, and on a loaded one every operator's thread barrier waits for a descheduled thread
+# (docs/testing.md has the measurement). Results are the same to float32 rounding.
+# OXIGAF_TEST_THREADS=N chooses another count.
 _THREADS = os.environ.get("OXIGAF_TEST_THREADS", "1")
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, _THREADS)
 
-# The mlx[cpu] wheel for Linux bundles netlib's reference BLAS, ~50x slower than an optimised one.
-# Before anything loads MLX, the suite lends it torch's MKL (oxigaf_mlx.blas, which says how):
-# MLX's reference run takes 3 minutes instead of 11. OXIGAF_TEST_MLX_BLAS=reference keeps the
-# wheel's own BLAS.
+# The mlx[cpu] wheel for Linux bundles netlib's reference BLAS, far slower than an optimised one.
+# Before anything loads MLX, the suite lends it torch's MKL (oxigaf_mlx.blas, which says how;
+# docs/testing.md has what it saves). OXIGAF_TEST_MLX_BLAS=reference keeps the wheel's own BLAS.
 if os.environ.get("OXIGAF_TEST_MLX_BLAS") == "reference":
     MLX_BLAS = "reference (OXIGAF_TEST_MLX_BLAS=reference)"
 else:
@@ -42,8 +41,7 @@ def pytest_xdist_auto_num_workers(config):
 # hands each worker two files at the start, in collection order, and one more whenever it is down
 # to one. The two heaviest files start first, one per worker; the small third one is what waits
 # behind the heaviest. By default xdist would order the files by their number of tests, and the
-# MLX reference run (test_pipeline_e2e.py: about 3 minutes on 2 cores with torch's MKL, 10 to 11
-# on the reference BLAS) could start last.
+# MLX reference run (test_pipeline_e2e.py, the suite's heaviest file) could start last.
 RUN_FIRST = ("test_pipeline_e2e.py", "test_refine.py", "test_config.py", "test_toys.py")
 
 

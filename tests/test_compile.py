@@ -25,7 +25,7 @@ def test_compile_option_reaches_config_and_cli():
     assert _config(build_parser().parse_args(["generate", "photo.png", "-o", "out"])).compile is False
 
 
-# Tracing and compiling the graph took 5 minutes here (2 loaded cores): a slow test.
+# Tracing and compiling the graph takes minutes on a CPU: a slow test (docs/testing.md).
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mlx") is None, reason="mlx is not installed")
 def test_mlx_compiled_unet_equals_eager():
@@ -63,8 +63,8 @@ def _compiler_works() -> bool:
         return False
 
 
-# Inductor with freezing (the CPU default) compiled the tiny UNet in 132 s here with a cold cache
-# (2-core AMD EPYC, idle): a slow test.
+# Inductor with freezing (the CPU default) takes minutes to compile even the tiny UNet with a cold
+# cache: a slow test (docs/testing.md).
 @pytest.mark.slow
 def test_compiled_unet_equals_eager():
     if not _compiler_works():

@@ -1,8 +1,7 @@
 """The whole pipeline against the reference ImageDream run, on every backend and across them.
 
-A file of its own: MLX's run is the suite's heaviest item (on 2 cores about 3 minutes with the
-BLAS tests/conftest.py lends it, 10 to 11 on its wheel's reference BLAS), so one xdist worker runs
-it while the others take everything else (tests/conftest.py starts it first)."""
+A file of its own: MLX's run is the suite's heaviest item (docs/testing.md), so one xdist worker
+runs it while the others take everything else (tests/conftest.py starts it first)."""
 
 import json
 

@@ -445,7 +445,7 @@ def test_odd_images_load_as_rgb(odd_images):
     assert sizes["tiny"] == (3, 5) and sizes["tall"] == (24, 1500) and sizes["gray16"] == (80, 96)
 
 
-# MLX's CLIP forward alone takes ~1.5 s per image on this CPU: it gets the extreme shapes only.
+# MLX's CLIP forward is slow on a CPU (docs/testing.md): it gets the extreme shapes only.
 ODD_FOR_PIPELINE = {"mlx": ["tall", "tiny", "huge"]}
 
 

@@ -41,8 +41,8 @@ CHUNK = 192
 
 
 def test_mlx_runs_on_the_blas_the_conftest_lends_it():
-    # Without it the suite takes 12 minutes instead of 5 on 2 cores; a torch that stopped exporting
-    # MKL's sgemm_ would otherwise only show as a slow run.
+    # Without it the suite takes more than twice as long (docs/testing.md); a torch that stopped
+    # exporting MKL's sgemm_ would otherwise only show as a slow run.
     import ctypes
 
     import conftest

@@ -377,8 +377,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--ema", type=float, default=0.998)
-    # One thread: on a shared, oversubscribed 2-core machine two OpenMP threads spin against each
-    # other (measured 4-5x slower per step than one).
+    # One thread: on a shared, oversubscribed machine two OpenMP threads spin against each other
+    # (docs/toy-world.md has the measurement).
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "oxigaf" / "toy_model")
     args = ap.parse_args(argv)
