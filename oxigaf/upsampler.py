@@ -297,6 +297,7 @@ class LatentUpsampler:
         self.config = unet_config
         self.plan = kunet_plan(unet_config)
         self._text_cache: dict[str, tuple] = {}
+        self.source: Path | None = None  # the folder from_pretrained read (the run record names it)
 
     def __repr__(self):
         return f"LatentUpsampler(backend={self.backend!r})"
@@ -319,7 +320,9 @@ class LatentUpsampler:
         text_encoder = be.load_text_encoder(root / "text_encoder", dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
         scheduler = EulerDiscreteScheduler.from_folder(root / "scheduler")
-        return cls(unet, text_encoder, tokenizer, scheduler, be, config)
+        upsampler = cls(unet, text_encoder, tokenizer, scheduler, be, config)
+        upsampler.source = root
+        return upsampler
 
     # -- text --------------------------------------------------------------------------------
 
