@@ -116,7 +116,8 @@ def toy_demo(output, *, subject: int | None = None, backend: str = "auto", devic
     folder = result.save(output, overwrite=overwrite)
     for i, gt in enumerate(truth):
         Image.fromarray(to_uint8(gt)).save(folder / f"ground_truth_{i:02d}.png")
-    photo.save(folder / "input.png")
+    if not (folder / "input.png").exists():  # save() keeps the input there when the output carries a run record
+        photo.save(folder / "input.png")
     comparison_image(result.images, truth, front).save(folder / "comparison.png")
     metrics = []
     for i, cam in enumerate(cams):

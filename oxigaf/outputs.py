@@ -286,8 +286,8 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def record_image(record: dict[str, Any]):
-    """The recorded input photo as a PIL image (None for a text-only run): the folder's ``input.png``
+def record_image(record: dict[str, Any]) -> Path | None:
+    """Where the recorded input photo is (None for a text-only run): the record folder's ``input.png``
     when its SHA-256 matches, else the original path when its SHA-256 matches."""
     img = record.get("image")
     if img is None:
@@ -297,10 +297,10 @@ def record_image(record: dict[str, Any]):
         raise InputError(f"the recorded run was given a {what}, not a photo: pass the input image beside --replay")
     copy = Path(record["folder"]) / str(img.get("copy") or INPUT_NAME)
     if copy.is_file() and file_sha256(copy) == img.get("copy_sha256"):
-        return load_image(copy)
+        return copy
     path = img.get("path")
     if path and Path(path).is_file() and file_sha256(path) == img.get("sha256"):
-        return load_image(path)
+        return Path(path)
     raise InputError(f"the recorded input photo is gone or changed: neither {copy} nor {path} has the recorded "
                      "SHA-256; pass the input image beside --replay")
 

@@ -14,7 +14,8 @@ FOLDER = FIXTURES / "mvunet" / "imagedream_tiny" / "unet"
 
 def test_compile_option_reaches_config_and_cli():
     from oxigaf import DiffusionConfig
-    from oxigaf.cli import _config, build_parser
+    from oxigaf.cli import build_parser
+    from oxigaf.cli import config_from_args as _config
     from oxigaf.errors import ConfigError
 
     assert DiffusionConfig().compile is False

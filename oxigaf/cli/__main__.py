@@ -1,0 +1,7 @@
+"""``python -m oxigaf.cli``: the ``oxigaf`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
