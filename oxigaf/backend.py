@@ -92,6 +92,17 @@ class Backend:
         """``model`` with LoRA weight deltas added to the named parameters."""
         raise BackendError(f"the {self.name} backend cannot apply LoRA weights")
 
+    def render_gaussians(self, gaussians: dict[str, Any], viewmats: np.ndarray, intrinsics: tuple, size: int) -> Array:
+        """(V, size, size, 3) renders of 3D Gaussians (``oxigaf.splat``): ``gaussians`` maps means, scales,
+        quats, opacities, colors to numpy or this backend's arrays (differentiable in the latter);
+        ``viewmats`` world-to-camera (V, 4, 4, OpenCV axes); ``intrinsics`` (fx, fy, cx, cy)."""
+        raise BackendError(f"the {self.name} backend cannot render 3D Gaussians")
+
+    def gaussian_trainer(self, raw: dict[str, np.ndarray], targets: np.ndarray, viewmats: np.ndarray,
+                         intrinsics: tuple, size: int, lrs: dict[str, float]):
+        """Adam on 3DGS's loss for raw Gaussian parameters against posed frames (``oxigaf.splat.fit``)."""
+        raise BackendError(f"the {self.name} backend cannot fit 3D Gaussians")
+
 
 @dataclass(frozen=True)
 class BackendSpec:
