@@ -127,3 +127,13 @@ class MLXBackend:
         from .training import add_to_weights
 
         return add_to_weights(model, deltas)
+
+    def render_gaussians(self, gaussians, viewmats, intrinsics, size):
+        from .splat import render_gaussians
+
+        return render_gaussians(gaussians, viewmats, intrinsics, size)
+
+    def gaussian_trainer(self, raw, targets, viewmats, intrinsics, size, lrs):
+        from .splat import GaussianTrainer
+
+        return GaussianTrainer(raw, targets, viewmats, intrinsics, size, lrs)

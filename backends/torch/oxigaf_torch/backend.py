@@ -146,3 +146,13 @@ class TorchBackend:
         from .training import add_to_weights
 
         return add_to_weights(model, deltas)
+
+    def render_gaussians(self, gaussians, viewmats, intrinsics, size):
+        from .splat import render_gaussians
+
+        return render_gaussians(self.torch_device, gaussians, viewmats, intrinsics, size)
+
+    def gaussian_trainer(self, raw, targets, viewmats, intrinsics, size, lrs):
+        from .splat import GaussianTrainer
+
+        return GaussianTrainer(self.torch_device, raw, targets, viewmats, intrinsics, size, lrs)
