@@ -105,9 +105,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from oxigaf.batch import BatchSettings
+    from oxigaf.config import DiffusionConfig
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no auth token under $HOME for a benchmark
-    settings = BatchSettings(model=str(MODEL), backend=args.backend, steps=args.steps, guidance=args.guidance)
+    settings = BatchSettings(model=str(MODEL), backend=args.backend,
+                             config=DiffusionConfig(num_inference_steps=args.steps, guidance_scale=args.guidance))
     work = Path(tempfile.mkdtemp(prefix="oxigaf-batch-bench-"))
     results = []
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,9 @@ from oxigaf.batch import (
     settings_hash,
 )
 from oxigaf.cli import main
-from oxigaf.errors import InputError, NumericsError
+from oxigaf.config import DiffusionConfig
+from oxigaf.errors import ConfigError, InputError, NumericsError
+from oxigaf.images import load_image
 
 FIXTURE_MODEL = Path(__file__).parent / "fixtures" / "imagedream_e2e" / "model"
 PORTRAIT = Path(__file__).parent / "fixtures" / "imagedream_e2e" / "input.png"
@@ -89,7 +92,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def settings(model_dir) -> BatchSettings:
-    return BatchSettings(model=str(model_dir), backend="torch", steps=2, guidance=1.0)
+    return BatchSettings(model=str(model_dir), backend="torch",
+                         config=DiffusionConfig(num_inference_steps=2, guidance_scale=1.0))
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +156,47 @@ def test_views_are_those_of_generate_alone_with_the_item_seed(first_run, pipe):
     assert np.abs(views_of(out / "a") - views_of(out / "b")).mean() > 5
 
 
+def test_each_item_records_its_own_run(first_run):
+    """a and b share one generate call: each folder's oxigaf.json must still be that item's run
+    alone (its seed, photo, cameras), so ``--replay`` of the folder draws its views."""
+    from oxigaf.outputs import read_record
+
+    out, data = first_run["out"], first_run["data"]
+    for item_id, seed, photo, azimuths in (("a", 0, "a.png", None), ("b", 1, "b.png", None),
+                                           ("c", 7, "c.jpg", [0.0, 180.0])):
+        record = read_record(out / item_id)
+        assert record["seed"] == seed and record["config"].seed == seed
+        assert record["image"]["path"] == str((data / photo).absolute())
+        assert (record["prompt"], record["negative_prompt"]) == ("", "")
+        assert record["config"].num_inference_steps == 2 and record["config"].guidance_scale == 1.0
+        cams = record["cameras"]
+        assert len(cams) == (len(azimuths) if azimuths else 4) == record["config"].num_views
+        if azimuths:
+            assert [c.azimuth for c in cams] == azimuths
+        assert (out / item_id / "input.png").is_file()
+
+
+def test_generation_flags_reach_each_items_record(tmp_path, model_dir):
+    """Every generation flag of ``oxigaf generate`` applies to a batch and is recorded per item."""
+    from oxigaf.cli import build_parser
+    from oxigaf.cli.batch import settings_from_args
+    from oxigaf.outputs import read_record
+
+    make_photos(tmp_path)
+    (tmp_path / "m.csv").write_text("id,image,seed\na,a.png,\nb,b.png,5\n")
+    out = tmp_path / "out"
+    flags = ["--model", str(model_dir), "--ip-weight", "0.7", "--steps", "3", "--seed", "11", "--eta", "0.5",
+             "--guidance", "1.0", "--backend", "torch", "--quiet"]
+    assert main(["batch", str(tmp_path / "m.csv"), "-o", str(out), *flags]) == 0
+    for item_id, seed in (("a", 11), ("b", 5)):
+        config = read_record(out / item_id)["config"]
+        assert (config.ip_weight, config.num_inference_steps, config.eta, config.seed) == (0.7, 3, 0.5, seed)
+    # --compile is a generation setting like the others (not run here: compiling takes long on a CPU).
+    args = build_parser().parse_args(["batch", "m.csv", "-o", "o", "--compile", "--ip-weight", "0.7", "--steps", "3"])
+    config = settings_from_args(args).config
+    assert (config.compile, config.ip_weight, config.num_inference_steps) == (True, 0.7, 3)
+
+
 def _snapshot(out: Path, ids) -> dict:
     return {(i, p.name): (p.stat().st_ino, p.stat().st_mtime_ns) for i in ids for p in (out / i).iterdir()}
 
@@ -184,17 +229,39 @@ def test_changed_settings_rerun_the_item(first_run, settings):
     items = read_manifest(first_run["manifest"], settings)
     a = items[0]
     base = settings_hash(settings, a)
-    for changed in (BatchSettings(**{**settings.to_dict(), "steps": 3}),
-                    BatchSettings(**{**settings.to_dict(), "negative_prompt": "blurry"})):
+    config = settings.config
+    for changed in (replace(settings, config=config.replace(num_inference_steps=3)),
+                    replace(settings, config=config.replace(ip_weight=0.7)),
+                    replace(settings, config=config.replace(eta=0.5)),
+                    replace(settings, config=config.replace(dtype="bfloat16")),
+                    replace(settings, config=config.replace(vae_tile_size=64)),
+                    replace(settings, negative_prompt="blurry"),
+                    replace(settings, size=512)):
         assert settings_hash(changed, a) != base
     assert settings_hash(settings, BatchItem(**{**a.to_dict(), "seed": a.seed + 1})) != base
-    # Where the work runs does not change the views: backend, device, low_memory are not hashed.
-    same = BatchSettings(**{**settings.to_dict(), "backend": "mlx", "device": "cpu", "low_memory": True})
+    # How the work runs does not change the views: backend, device, low_memory, compile and the
+    # attention kernel are not hashed (the last two change numbers by float rounding only).
+    same = replace(settings, backend="mlx", device="cpu",
+                   config=config.replace(low_memory=True, compile=True, attention="naive", attention_chunk_size=64))
     assert settings_hash(same, a) == base
+    # The defaults that every item overrides (seed, elevation) enter through the item only.
+    assert settings_hash(replace(settings, config=config.replace(seed=5)), a) == base
+
+
+def test_settings_travel_as_plain_data(settings):
+    s = replace(settings, azimuths=(0, 90.0), prompt="a hat", size=256,
+                config=settings.config.replace(ip_weight=0.7, compile=True, seed=3))
+    data = json.loads(json.dumps(s.to_dict()))  # what a Ray worker receives
+    assert BatchSettings.from_dict(data) == s
+    assert s.config.num_views == 2  # azimuths decide the view count
+    with pytest.raises(ConfigError, match="size"):
+        BatchSettings(model="m", size=0)
+    with pytest.raises(ConfigError, match="config"):
+        BatchSettings(model="m", config={"num_views": 4})
 
 
 def test_interrupted_run_keeps_finished_items_and_resumes(tmp_path, settings, pipe, monkeypatch):
-    import oxigaf.batch as batch
+    import oxigaf.batch.chunk as chunk
 
     data = tmp_path / "data"
     make_photos(data)
@@ -202,16 +269,16 @@ def test_interrupted_run_keeps_finished_items_and_resumes(tmp_path, settings, pi
     manifest.write_text("id,image\na,a.png\nb,b.png\nc,c.jpg\n")
     out = tmp_path / "out"
     monkeypatch.setattr(BatchSettings, "load_pipeline", lambda self: pipe)
-    real = batch._generate
+    real = chunk._generate
     calls = []
 
-    def interrupted(p, run, s):
-        calls.append(run[0][0].id)
+    def interrupted(p, items, s):
+        calls.append(items[0].id)
         if len(calls) == 2:
             raise KeyboardInterrupt  # Ctrl-C while b is being generated
-        return real(p, run, s)
+        return real(p, items, s)
 
-    monkeypatch.setattr(batch, "_generate", interrupted)
+    monkeypatch.setattr(chunk, "_generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_batch(manifest, out, settings, progress=False)
     assert [json.loads(line)["id"] for line in (out / "results.jsonl").read_text().splitlines()] == ["a"]
@@ -221,7 +288,7 @@ def test_interrupted_run_keeps_finished_items_and_resumes(tmp_path, settings, pi
         fh.write('{"id": "b", "stat')
     (out / ".b.x1y2z3").mkdir()
     (out / ".b.x1y2z3" / "view_00.png").write_bytes(b"half")
-    monkeypatch.setattr(batch, "_generate", real)
+    monkeypatch.setattr(chunk, "_generate", real)
     summary = run_batch(manifest, out, settings, progress=False)
     assert (summary.ok, summary.failed, summary.skipped) == (2, 0, 1)
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", "c", "results.jsonl"]
@@ -232,6 +299,8 @@ def test_interrupted_run_keeps_finished_items_and_resumes(tmp_path, settings, pi
 
 
 class _StubOutput:
+    record = None
+
     def __init__(self, seed):
         self.seed = seed
 
@@ -249,7 +318,7 @@ class _StubPipeline:
 
     def generate(self, images, *, seed, **kwargs):
         self.calls.append((len(images), seed))
-        if any(im.getpixel((0, 0)) == (255, 0, 0) for im in images):
+        if any(load_image(im).getpixel((0, 0)) == (255, 0, 0) for im in images):
             raise NumericsError("NaN or Inf in the latents at denoising step 1/2")
         return [_StubOutput(seed + i) for i in range(len(images))]
 
@@ -272,6 +341,24 @@ def test_a_failing_item_in_a_batch_runs_the_others_alone(tmp_path):
     assert "p2.png" in records[2]["error"] and "NaN" in records[2]["error"]
     for item in (items[0], items[1], items[3]):  # each alone got its own seed
         assert (tmp_path / "out" / item.id / "seed.txt").read_text() == str(item.seed)
+
+
+def test_an_output_recorded_for_another_item_is_that_items_error(tmp_path):
+    """A run record must belong to its item: a record naming another seed or photo is refused, not saved."""
+    items = _items(tmp_path, ["gray", "gray"])
+
+    class _WrongRecords(_StubPipeline):
+        def generate(self, images, *, seed, **kwargs):
+            outputs = super().generate(images, seed=seed, **kwargs)
+            for output in outputs:  # both claim the first item's seed and photo
+                output.record = {"seed": seed, "prompt": "", "image": {"path": str(Path(images[0]).absolute())},
+                                 "cameras": [{"azimuth": 0.0, "elevation": 0.0}]}
+            return outputs
+
+    records = list(run_chunk(_WrongRecords(), items, BatchSettings(model=""), tmp_path / "out"))
+    assert [(r["id"], r["status"]) for r in records] == [("p0", "ok"), ("p1", "error")]
+    assert "seed 10 (the item's is 11)" in records[1]["error"] and "p0.png" in records[1]["error"]
+    assert not (tmp_path / "out" / "p1").exists()
 
 
 def test_an_unreadable_photo_leaves_the_batch_split_by_consecutive_seeds(tmp_path):
@@ -313,7 +400,7 @@ def test_csv_jsonl_and_parquet_manifests_read_the_same(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"id": "a", "image": "a.png", "seed": 5}\n\n'
                                       '{"id": "b", "image": "b.png", "prompt": "a hat", "azimuths": [0, 90], '
                                       '"elevation": 10}\n')
-    settings = BatchSettings(model="", seed=0)
+    settings = BatchSettings(model="", config=DiffusionConfig(seed=0))
     expected = _expected_rows(tmp_path)  # b without a seed: default seed + its row index 1
     assert _as_tuples(read_manifest(tmp_path / "m.csv", settings)) == expected
     assert _as_tuples(read_manifest(tmp_path / "m.jsonl", settings)) == expected
@@ -329,14 +416,15 @@ def test_csv_jsonl_and_parquet_manifests_read_the_same(tmp_path):
 def test_a_folder_of_images_is_a_manifest(tmp_path):
     make_photos(tmp_path)
     (tmp_path / "notes.txt").write_text("not an image")
-    items = read_manifest(tmp_path, BatchSettings(model="", seed=3))
+    items = read_manifest(tmp_path, BatchSettings(model="", config=DiffusionConfig(seed=3)))
     assert [(i.id, Path(i.image).name, i.seed) for i in items] == [("a", "a.png", 3), ("b", "b.png", 4),
                                                                    ("bad", "bad.png", 5), ("c", "c.jpg", 6)]
 
 
 def test_cli_default_seed_and_per_row_values_reach_the_items(tmp_path):
     (tmp_path / "m.csv").write_text("id,image,seed\na,a.png,\nb,b.png,\n")
-    items = read_manifest(tmp_path / "m.csv", BatchSettings(model="", seed=100, azimuths=(0, 45), elevation=5))
+    settings = BatchSettings(model="", config=DiffusionConfig(seed=100, elevation=5), azimuths=(0, 45))
+    items = read_manifest(tmp_path / "m.csv", settings)
     assert [(i.seed, i.azimuths, i.elevation) for i in items] == [(100, (0.0, 45.0), 5.0), (101, (0.0, 45.0), 5.0)]
 
 

@@ -19,8 +19,9 @@ pytest.importorskip("ray.data")
 from test_batch import GEN_ARGS, assert_same_views, make_photos, small_model, views_of, write_csv_manifest  # noqa: E402
 
 from oxigaf.batch import BatchSettings, run_batch  # noqa: E402
+from oxigaf.batch.engines.ray import cpus_per_worker  # noqa: E402
 from oxigaf.cli import main  # noqa: E402
-from oxigaf.engines.ray import cpus_per_worker  # noqa: E402
+from oxigaf.config import DiffusionConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +72,9 @@ def test_ray_engine_writes_the_same_views_and_statuses_as_local(ray_cluster, dat
     assert "bad.png" in remote["bad"]["error"] and "nothere.png" in remote["miss"]["error"]
     assert sorted(p.name for p in ray_out.iterdir()) == ["a", "b", "c", "results.jsonl"]
     # Resume works across engines: the local engine finds nothing left to do but the failures.
-    summary = run_batch(data["manifest"], ray_out, BatchSettings(model=str(data["model"]), backend="torch",
-                                                                 steps=2, guidance=1.0), progress=False)
+    settings = BatchSettings(model=str(data["model"]), backend="torch",
+                             config=DiffusionConfig(num_inference_steps=2, guidance_scale=1.0))
+    summary = run_batch(data["manifest"], ray_out, settings, progress=False)
     assert (summary.ok, summary.failed, summary.skipped) == (0, 2, 3)
 
 

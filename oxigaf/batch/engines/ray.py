@@ -1,7 +1,7 @@
-"""The Ray Data engine of ``oxigaf batch`` (the only module that imports ray).
+"""The Ray Data engine of ``oxigaf batch`` (the only module that imports ray, and only when it runs).
 
 The driver has already read and checked the manifest and decided which items are pending and
-how they group into ``generate`` calls (``oxigaf.batch.make_chunks``); the chunks become a Ray
+how they group into ``generate`` calls (``oxigaf.batch.runner.make_chunks``); the chunks become a Ray
 Dataset, one row per call, and ``map_batches`` sends them to a pool of actors
 (``ActorPoolStrategy(size=workers)``), each holding one loaded ``Pipeline``. Workers write
 ``OUT/<id>/`` themselves (OUT must be shared storage on a cluster) and return one result
@@ -14,8 +14,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..batch import BatchItem, BatchSettings, run_chunk
-from ..errors import ConfigError, ModelLoadError
+from ...errors import ConfigError, ModelLoadError
+from ..chunk import run_chunk
+from ..settings import BatchItem, BatchSettings
 
 # Cores the actors leave free: Ray Data's own read/split tasks need a CPU, or the job stalls.
 RESERVED_CPUS = 1.0
@@ -60,18 +61,26 @@ def cpus_per_worker(cluster_cpus: float, workers: int) -> float:
     return round(max(MIN_CPUS_PER_WORKER, min(1.0, free / workers)), 3)
 
 
-def run_ray(chunks: list[list[BatchItem]], settings: BatchSettings, out: Path, *, address: str | None = None,
-            workers: int = 1, gpus_per_worker: float = 0.0) -> Iterator[dict]:
-    """Checks ray and the model now (usage errors before anything is written); runs lazily."""
-    ray = _import_ray()
-    from ..checkpoints import resolve_model
+class RayEngine:
+    """Ray Data ``map_batches`` over the chunks, with a pool of ``workers`` actors of
+    ``gpus_per_worker`` GPUs each, on the cluster at ``address`` (None: start a local one)."""
 
-    # The workers load the model; the driver only checks it exists, so a wrong name is a
-    # usage error here rather than one error row per item.
-    model = resolve_model(settings.model)
-    if not (model / "model_index.json").is_file():
-        raise ModelLoadError(f"model folder {model} has no model_index.json (expected a diffusers pipeline folder)")
-    return _records(ray, chunks, settings, out, address, workers, gpus_per_worker)
+    name = "ray"
+
+    def __init__(self, *, address: str | None = None, workers: int = 1, gpus_per_worker: float = 0.0):
+        self.address, self.workers, self.gpus_per_worker = address, workers, gpus_per_worker
+
+    def run(self, chunks: list[list[BatchItem]], settings: BatchSettings, out: Path) -> Iterator[dict]:
+        """Checks ray and the model now (usage errors before anything is written); runs lazily."""
+        ray = _import_ray()
+        from ...checkpoints import resolve_model
+
+        # The workers load the model; the driver only checks it exists, so a wrong name is a
+        # usage error here rather than one error row per item.
+        model = resolve_model(settings.model)
+        if not (model / "model_index.json").is_file():
+            raise ModelLoadError(f"model folder {model} has no model_index.json (expected a diffusers pipeline folder)")
+        return _records(ray, chunks, settings, out, self.address, self.workers, self.gpus_per_worker)
 
 
 def _records(ray, chunks, settings, out, address, workers, gpus_per_worker) -> Iterator[dict]:
