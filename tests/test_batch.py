@@ -382,6 +382,41 @@ def test_chunks_share_prompt_cameras_and_consecutive_seeds():
     assert [len(c) for c in make_chunks(items, batch_size=1)] == [1] * 8
 
 
+def test_run_batch_takes_any_engine_and_makes_the_chunks_itself(tmp_path):
+    from oxigaf.batch import Engine, LocalEngine, RayEngine, make_engine
+
+    class Recorder:
+        name = "recorder"
+
+        def __init__(self):
+            self.chunks = None
+
+        def run(self, chunks, settings, out):
+            self.chunks = [[item.id for item in chunk] for chunk in chunks]
+            return ({"id": item.id, "status": "ok", "error": None} for chunk in chunks for item in chunk)
+
+    assert all(isinstance(e, Engine) for e in (Recorder(), LocalEngine(), RayEngine(workers=2)))
+    (tmp_path / "m.csv").write_text("id,image\na,a.png\nb,b.png\nc,c.png\n")
+    engine = Recorder()
+    summary = run_batch(tmp_path / "m.csv", tmp_path / "out", BatchSettings(model=""), engine=engine, batch_size=2,
+                        progress=False)
+    assert engine.chunks == [["a", "b"], ["c"]] and (summary.ok, summary.failed) == (3, 0)
+    assert set(read_results(tmp_path / "out" / "results.jsonl")) == {"a", "b", "c"}
+    with pytest.raises(ConfigError, match="engine must be one of local, ray"):
+        make_engine("dask")
+    with pytest.raises(ConfigError, match="named engine"):
+        run_batch(tmp_path / "m.csv", tmp_path / "out", BatchSettings(model=""), engine=Recorder(), workers=2)
+
+
+def test_the_batch_package_imports_no_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, oxigaf.batch, oxigaf.batch.engines.ray\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'ray']\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # -- manifests ---------------------------------------------------------------------------------
 
 
