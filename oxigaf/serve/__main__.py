@@ -1,0 +1,7 @@
+"""``python -m oxigaf.serve``: the same as ``oxigaf serve``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
