@@ -25,7 +25,8 @@ EPS2D = 0.3
 ALPHA_MAX = 0.99
 ALPHA_MIN = 1.0 / 255.0
 LOG_T_MIN = math.log(1e-4)
-TILE = 16
+TILE = 8
+GROUPS = 4  # tiles are composited in this many groups of similar length
 PAIRS = 1 << 21  # pixel × Gaussian pairs per compositing chunk
 
 
@@ -143,16 +144,21 @@ def rasterize(means, scales, quats, opacities, colors, viewmats, k, width: int, 
     with torch.no_grad():
         table, (ty, tx) = _tile_table(mean2d.detach(), var2d.detach(), depth.detach(), valid, opacities, width, height)
     pad = lambda t, fill: torch.cat([t.reshape(v * n, -1), torch.full_like(t.reshape(v * n, -1)[:1], fill)])  # noqa: E731
-    m2 = pad(mean2d, 0.0)[table]
+    m2, op, col = pad(mean2d, 0.0), pad(opacities[None].expand(v, n), 0.0)[:, 0], pad(colors[None].expand(v, n, 3), 0.0)
     cn = torch.cat([conic.reshape(v * n, 3), torch.tensor([[1.0, 0.0, 1.0]], dtype=conic.dtype, device=conic.device)])
-    op = pad(opacities[None].expand(v, n), 0.0)[table][..., 0]
-    col = pad(colors[None].expand(v, n, 3), 0.0)[table]
     grid = torch.arange(TILE, dtype=means.dtype, device=means.device) + 0.5
     px = (torch.arange(tx, dtype=means.dtype, device=means.device)[:, None] * TILE + grid)  # (tx, TILE)
     py = (torch.arange(ty, dtype=means.dtype, device=means.device)[:, None] * TILE + grid)  # (ty, TILE)
     px = px[None, None, :, None, :].expand(v, ty, tx, TILE, TILE).reshape(v * ty * tx, TILE * TILE)
     py = py[None, :, None, :, None].expand(v, ty, tx, TILE, TILE).reshape(v * ty * tx, TILE * TILE)
-    out = _composite(px, py, m2, cn[table], op, col, background)
+    # Tiles in groups of similar Gaussian counts, each padded only to its own longest list.
+    counts = (table < v * n).sum(1)
+    order = torch.argsort(counts)
+    parts = []
+    for tiles in torch.tensor_split(order, min(GROUPS, len(order))):
+        sub = table[tiles, :max(int(counts[tiles].max()), 1)]
+        parts.append(_composite(px[tiles], py[tiles], m2[sub], cn[sub], op[sub], col[sub], background))
+    out = torch.cat(parts)[torch.argsort(order)]
     out = out.reshape(v, ty, tx, TILE, TILE, 3).permute(0, 1, 3, 2, 4, 5).reshape(v, ty * TILE, tx * TILE, 3)
     return out[:, :height, :width]
 
