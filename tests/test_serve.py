@@ -65,8 +65,7 @@ def head(served) -> Path:
 
 def reference(pipe, photo, azimuths, elevation, steps, guidance, ip_weight, seed):
     return pipe.generate(load_image(photo), cameras=azimuths, elevation=elevation, num_inference_steps=steps,
-                         guidance_scale=guidance, seed=seed, progress=False,
-                         **({} if ip_weight == 1.0 else {"ip_weight": ip_weight}))
+                         guidance_scale=guidance, seed=seed, ip_weight=ip_weight, progress=False)
 
 
 def pixels(path) -> np.ndarray:
@@ -146,16 +145,16 @@ def test_generate_equals_pipeline(served, client, pipe, head, tmp_path):
 
 def test_four_clients_at_once(served, pipe, head, downloads):
     url, root, _ = served
-    asks = [("0, 180", 0.0, 5.0, 11), ("0, 90, 180, 270", 10.0, 3.0, 12), ("45", -10.0, 7.5, 13),
-            ("0 120 240", 20.0, 5.0, 14)]
+    asks = [("0, 180", 0.0, 5.0, 1.0, 11), ("0, 90, 180, 270", 10.0, 3.0, 0.5, 12), ("45", -10.0, 7.5, 1.0, 13),
+            ("0 120 240", 20.0, 5.0, 2.0, 14)]
     clients = [Client(url, verbose=False, download_files=str(downloads)) for _ in asks]
     start = threading.Barrier(len(asks))
     jobs = [None] * len(asks)
 
     def submit(i):
-        az, el, g, seed = asks[i]
+        az, el, g, ipw, seed = asks[i]
         start.wait()
-        jobs[i] = clients[i].submit(handle_file(str(head)), az, el, STEPS, g, 1.0, seed, api_name="/generate")
+        jobs[i] = clients[i].submit(handle_file(str(head)), az, el, STEPS, g, ipw, seed, api_name="/generate")
 
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(asks))]
     t0 = time.monotonic()
@@ -167,14 +166,18 @@ def test_four_clients_at_once(served, pipe, head, downloads):
     elapsed = time.monotonic() - t0
     assert elapsed < 600
     spans, ranks = [], []
-    for job, result, (az, el, g, seed) in zip(jobs, results, asks, strict=True):
+    for job, result, (az, el, g, ipw, seed) in zip(jobs, results, asks, strict=True):
         azimuths = checks.azimuths(az)
-        assert_same_views(result, reference(pipe, head, azimuths, el, STEPS, g, 1.0, seed), azimuths)
+        assert_same_views(result, reference(pipe, head, azimuths, el, STEPS, g, ipw, seed), azimuths)
         updates = drain(job)
         ranks += [u.rank for u in updates if getattr(u, "rank", None) is not None]
         times = [u.time for u in updates if getattr(u, "progress_data", None)
                  and u.progress_data[0].desc == "denoising"]
         spans.append((min(times), max(times)))
+    # ip_weight reached the pipeline: the request with 2.0 differs from the same request with 1.0
+    az, el, g, ipw, seed = asks[3]
+    unweighted = reference(pipe, head, checks.azimuths(az), el, STEPS, g, 1.0, seed)
+    assert not np.array_equal(pixels(results[3][0][0]["image"]), np.asarray(unweighted.views[0]))
     # one request at a time: no two requests' denoising overlaps, and the later ones waited in line
     spans.sort()
     assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False)), spans

@@ -93,10 +93,9 @@ class Generator:
         def step(i, timestep, latents):
             progress((i + 1, total), desc="denoising", unit="steps")
 
-        extra = {} if req.ip_weight == 1.0 else {"ip_weight": req.ip_weight}  # IPW-INTERIM
         result = self.pipe.generate(image, cameras=req.azimuths, elevation=req.elevation,
                                     num_inference_steps=req.steps, guidance_scale=req.guidance, seed=req.seed,
-                                    callback=step, progress=False, **extra)
+                                    ip_weight=req.ip_weight, callback=step, progress=False)
         progress(1.0, desc="saving")
         return self.store.write(result)
 
@@ -124,7 +123,7 @@ def build(pipe, store: RunStore, *, max_upload_bytes: int, examples: list[Path] 
                 seed = unchecked(gr.Number(pipe.config.seed, label="seed", precision=0, minimum=low, maximum=high))
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
-                gallery = gr.Gallery(label="views", columns=4, height="auto", object_fit="contain",
+                gallery = gr.Gallery(label="views", columns=4, height=320, object_fit="contain",
                                      elem_id="views")
                 with gr.Row():
                     spin = gr.Image(label="turntable", type="filepath", interactive=False, height=256,

@@ -24,6 +24,7 @@ OUTPUT_NAME = "oxigaf"
 TURNTABLE_NAME = "turntable.gif"
 # Each view shows this long in the turntable: four views go round in a second and a half.
 TURNTABLE_FRAME_MS = 400
+TURNTABLE_MIN_SIDE = 256
 # A hidden temporary folder this old belongs to no running request (a crash left it).
 STALE_TMP_S = 3600
 
@@ -41,9 +42,15 @@ class Run:
 
 
 def turntable(views, cameras, path: Path) -> Path:
-    """An endlessly looping GIF of ``views`` in order of azimuth (0 to 360 degrees)."""
+    """An endlessly looping GIF of ``views`` in order of azimuth (0 to 360 degrees), enlarged by a
+    whole factor (nearest neighbour) to at least ``TURNTABLE_MIN_SIDE`` pixels so small views show."""
+    from PIL import Image
+
     order = sorted(range(len(views)), key=lambda i: (float(cameras[i].azimuth) % 360.0, i))
     frames = [views[i].convert("RGB") for i in order]
+    scale = -(-TURNTABLE_MIN_SIDE // max(frames[0].size))
+    if scale > 1:
+        frames = [f.resize((f.width * scale, f.height * scale), Image.Resampling.NEAREST) for f in frames]
     frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=TURNTABLE_FRAME_MS,
                    loop=0, disposal=1)
     return path
