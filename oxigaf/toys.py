@@ -21,6 +21,7 @@ and the earring are on one side), so a model has to use the camera.
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import json
 import math
 import os
@@ -264,10 +265,25 @@ def render(seed: int, cameras, size: int = 64, *, fov_deg: float = DEFAULT_FOV_D
     white, and camera-space normals (OpenGL camera axes: x right, y up, z towards the camera)
     as RGB = (n + 1) / 2, white where no surface is hit. Deterministic per seed.
     """
+    return _render_subject(subject(seed), cameras, size, fov_deg)
+
+
+# The parts of a head's bare shape: GAF's coarse template (FLAME) carries no hair, glasses or jewellery.
+TEMPLATE_PARTS = ("head", "ear_left", "ear_right", "nose")
+
+
+def template_normals(seed: int, cameras, size: int = 64, *, fov_deg: float = DEFAULT_FOV_DEG) -> np.ndarray:
+    """Normal maps (as ``render`` returns them) of the bare shape of ``seed``'s head: head, ears and
+    nose, without hair, eyes, mouth, glasses, hat or earring, in the head's pose."""
+    subj = subject(seed)
+    bare = dataclasses.replace(subj, parts=tuple(p for p in subj.parts if p.name in TEMPLATE_PARTS))
+    return _render_subject(bare, cameras, size, fov_deg)[1]
+
+
+def _render_subject(subj: Subject, cameras, size, fov_deg: float):
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
         raise InputError(f"size must be a positive integer; got {size!r}")
     cams = as_cameras(cameras)
-    subj = subject(seed)
     ss = SUPERSAMPLE
     origins, dirs, rot = _rays(cams, int(size), fov_deg, ss)
     shape = dirs.shape[:-1]
@@ -387,9 +403,8 @@ def model_path(normals: bool = False) -> Path:
     return path
 
 
-__all__ = ["HELD_OUT_SEED", "Part", "Subject", "TRAIN_SEED_RANGE", "make_dataset", "model_path", "project", "psnr",
-           "render", "ssim",
-           "subject", "training_azimuths"]
+__all__ = ["HELD_OUT_SEED", "Part", "Subject", "TEMPLATE_PARTS", "TRAIN_SEED_RANGE", "make_dataset", "model_path",
+           "project", "psnr", "render", "ssim", "subject", "template_normals", "training_azimuths"]
 
 
 # --------------------------------------------------------------------------- metrics

@@ -303,6 +303,8 @@ def add_arguments(parser) -> None:
                         help="run GAF's loop: refine renders with this multi-view model (needs --photo)")
     parser.add_argument("--photo", default=None, help="the input photo the refinement is conditioned on")
     parser.add_argument("--rounds", type=int, default=4, help="refinement rounds of the GAF loop (default 4)")
+    parser.add_argument("--template-seed", type=int, default=None,
+                        help="coarse template for a normal-conditioned model: the bare shape of this toy head")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -335,8 +337,13 @@ def run(args) -> int:
         if args.refine is not None:
             from .loop import gaf_loop
 
-            gaf_loop(fitter, args.refine, args.photo, rounds=args.rounds, progress=bar,
-                     checkpoint=lambda g: save_ply(g, ply))
+            template = None
+            if args.template_seed is not None:
+                from ..toys import template_normals
+
+                template = lambda cams, size: template_normals(args.template_seed, cams, size)  # noqa: E731
+            gaf_loop(fitter, args.refine, args.photo, rounds=args.rounds, template=template, seed=args.seed,
+                     progress=bar, checkpoint=lambda g: save_ply(g, ply))
         else:
             done = 0
             while done < args.iterations:

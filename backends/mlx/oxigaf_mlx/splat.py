@@ -18,7 +18,8 @@ EPS2D = 0.3
 ALPHA_MAX = 0.99
 ALPHA_MIN = 1.0 / 255.0
 LOG_T_MIN = math.log(1e-4)
-TILE = 16
+TILE = 8
+GROUPS = 4  # tiles are composited in this many groups of similar length
 PAIRS = 1 << 21  # pixel × Gaussian pairs per compositing chunk
 
 
@@ -114,16 +115,23 @@ def rasterize(means, scales, quats, opacities, colors, viewmats, k, width: int, 
     mean2d, conic, var2d, depth, valid = project(means, scales, quats, viewmats, k, width, height)
     table, (ty, tx) = _tile_table(*(np.array(mx.stop_gradient(a)) for a in (mean2d, var2d, depth, valid, opacities)),
                                   width, height)
-    table = mx.array(table)
-    m2 = mx.concatenate([mean2d.reshape(v * n, 2), mx.zeros((1, 2), dtype=means.dtype)])[table]
-    cn = mx.concatenate([conic.reshape(v * n, 3), mx.array([[1.0, 0.0, 1.0]], dtype=means.dtype)])[table]
+    m2 = mx.concatenate([mean2d.reshape(v * n, 2), mx.zeros((1, 2), dtype=means.dtype)])
+    cn = mx.concatenate([conic.reshape(v * n, 3), mx.array([[1.0, 0.0, 1.0]], dtype=means.dtype)])
     op = mx.concatenate([mx.broadcast_to(opacities[None], (v, n)).reshape(-1), mx.zeros((1,), dtype=means.dtype)])
     col = mx.concatenate([mx.broadcast_to(colors[None], (v, n, 3)).reshape(-1, 3), mx.zeros((1, 3), dtype=means.dtype)])
     grid = np.arange(TILE) + 0.5
     px = np.broadcast_to((np.arange(tx)[:, None] * TILE + grid)[None, None, :, None, :], (v, ty, tx, TILE, TILE))
     py = np.broadcast_to((np.arange(ty)[:, None] * TILE + grid)[None, :, None, :, None], (v, ty, tx, TILE, TILE))
-    px, py = (mx.array(a.reshape(v * ty * tx, -1), dtype=means.dtype) for a in (px, py))
-    out = _composite(px, py, m2, cn, op[table], col[table], background)
+    px, py = (a.reshape(v * ty * tx, -1) for a in (px, py))
+    # Tiles in groups of similar Gaussian counts, each padded only to its own longest list.
+    counts = (table < v * n).sum(1)
+    order = np.argsort(counts, kind="stable")
+    parts = []
+    for tiles in np.array_split(order, min(GROUPS, len(order))):
+        sub = mx.array(table[tiles, :max(int(counts[tiles].max()), 1)])
+        parts.append(_composite(mx.array(px[tiles], dtype=means.dtype), mx.array(py[tiles], dtype=means.dtype),
+                                m2[sub], cn[sub], op[sub], col[sub], background))
+    out = mx.concatenate(parts)[mx.array(np.argsort(order))]
     out = out.reshape(v, ty, tx, TILE, TILE, 3).transpose(0, 1, 3, 2, 4, 5).reshape(v, ty * TILE, tx * TILE, 3)
     return out[:, :height, :width]
 
