@@ -57,7 +57,7 @@ def test_batch_equals_single_runs_and_keeps_camera_order(toy, toy_photo):
 def _cached_bytes(backend: str) -> int:
     """What the backend holds for reuse between calls: torch's kept CPU buffers, MLX's cache."""
     if backend == "torch":
-        from oxigaf_torch import buffers
+        from oxigaf_torch.fast import buffers
 
         return sum(b.numel() * b.element_size() for b in buffers._KEPT.values())
     import mlx.core as mx

@@ -313,36 +313,28 @@ class MultiViewDataset:
         """VAE-encode every frame (and normal map) at ``size`` px and run CLIP on every frame
         (``encoder_folder``: ImageDream), reading the caches where they are valid and writing them
         where not. The encoders are loaded only when some cache is missing or stale."""
-        from ..config import VAEConfig
-        from ..images import load_image, vae_input
-        from ..pipeline import _progress
+        from ..conditioning import encode_image
+        from ..denoise import progress_bar
 
         self.size = size
         vae_key = weights_fingerprint(vae_folder, f"size={size}")
         clip_key = None
         if encoder_folder is not None:
             clip_key = weights_fingerprint(encoder_folder, json.dumps(vars(preprocessor), default=str, sort_keys=True))
-        scale = np.float32(VAEConfig.from_folder(vae_folder).scaling_factor)
         models: dict = {}
 
+        # the pipeline's image encoding, its two halves cached apart
         def vae_latents(paths):
             if "vae" not in models:
                 models["vae"] = backend.load_vae(vae_folder, dtype="float32")
-            out = []
-            for p in paths:
-                mean = models["vae"].encode(backend.asarray(vae_input(load_image(p), size), dtype="float32"))
-                out.append(backend.to_numpy(mean).astype(np.float32)[0] * scale)
-            return np.stack(out)
+            return np.stack([encode_image(backend, p, vae=models["vae"], size=size)[1][0] for p in paths])
 
         def clip_states(paths):
             if "clip" not in models:
                 models["clip"] = backend.load_image_encoder(encoder_folder, dtype="float32")
-            states = []
-            for p in paths:
-                hs = models["clip"](backend.asarray(preprocessor(load_image(p))),
-                                    output_hidden_states=True)["hidden_states"][-2]
-                states.append(backend.to_numpy(hs).astype(np.float32)[0])
-            return np.stack(states)
+            states = [encode_image(backend, p, image_encoder=models["clip"], preprocessor=preprocessor)[0]
+                      for p in paths]
+            return np.stack([backend.to_numpy(hs).astype(np.float32)[0] for hs in states])
 
         def cached(path: Path, paths: list[Path], make, key: str) -> np.ndarray:
             stamps = [_file_stamp(p) for p in paths]
@@ -353,7 +345,7 @@ class MultiViewDataset:
             return found[key]
 
         self.latents, self.normal_latents, self.clip_states = [], [], []
-        for sub in _progress(self.subjects, "encoding data", progress, len(self.subjects)):
+        for sub in progress_bar(self.subjects, "encoding data", progress, len(self.subjects)):
             images = [f.image for f in sub.frames]
             cache = sub.folder / CACHE_DIR
             self.latents.append(cached(cache / f"latents-{vae_key}.safetensors", images, vae_latents, "latents"))

@@ -32,13 +32,12 @@ import numpy as np
 from ..checkpoints import load_state, read_json, read_shapes, resolve_model
 from ..config import UNetConfig, VAEConfig, check_attention
 from ..errors import ConfigError, InputError, NumericsError
+from ..layout import components
 from ..synthetic import build_folder
 from .data import MultiViewDataset, latent_factor
 from .lora import LoRA, init_lora, lora_targets
 from .objective import build_batch, draw_sample
 
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-IMAGE_COMPONENTS = ("image_encoder", "feature_extractor")
 CHECKPOINTS = "checkpoints"
 LOG_NAME = "training_log.jsonl"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -192,11 +191,9 @@ class Trainer:
         self.dataset = MultiViewDataset(data, cfg.views)
         self.model_path = resolve_model(model)
         index = read_json(self.model_path / "model_index.json", "model_index.json")
-        listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
-        missing = [c for c in REQUIRED if c not in listed or not (self.model_path / c).is_dir()]
+        missing, self.image_conditioned = components(self.model_path, index)
         if missing:
             raise InputError(f"model folder {self.model_path} lacks the component(s) {', '.join(missing)}")
-        self.image_conditioned = all(c in listed and (self.model_path / c).is_dir() for c in IMAGE_COMPONENTS)
         base = UNetConfig.from_folder(self.model_path / "unet")
         self.vae_config = VAEConfig.from_folder(self.model_path / "vae")
         channels = cfg.init_in_channels or base.in_channels

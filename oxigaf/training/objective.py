@@ -1,10 +1,11 @@
 """ImageDream's training objective, built in numpy so every backend sees the same numbers.
 
-Per sample: ``views`` target frames and the reference slot (frame F−1, F = views + 1 for
-ImageDream; F = views for a text-only MVDream UNet). The targets are noised to a timestep t
-drawn uniformly from the training timesteps (the same t for every frame of a sample); the
-reference slot's model input is replaced by the clean reference latent inside the UNet (its
-noisy input here is zeros and never matters); its camera is all zeros. The loss is the mean
+Per sample: ``views`` target frames and the reference slot, in inference's frame layout
+(``oxigaf.layout``: frame F−1, F = views + 1 for ImageDream; F = views for a text-only MVDream
+UNet). The targets are noised to a timestep t drawn uniformly from the training timesteps (the
+same t for every frame of a sample) with ``layout.add_noise``; the reference slot's model input
+is replaced by the clean reference latent inside the UNet (its noisy input here is zeros and
+never matters); its camera is all zeros. The loss is the mean
 squared error between the UNet's output on the target frames and the target: the noise
 (``epsilon``), the velocity ``√ᾱ·ε − √(1−ᾱ)·x₀`` (``v_prediction``) or ``x₀`` (``sample``),
 per the scheduler config.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import layout
 from ..errors import ConfigError
 
 
@@ -87,37 +89,33 @@ def draw_sample(rng: np.random.Generator, dataset, num_train_timesteps: int, lat
 
 def build_batch(draws: list[SampleDraw], dataset, alphas_cumprod: np.ndarray, prediction_type: str,
                 text_states: dict[str, np.ndarray], *, image_conditioned: bool, normals: bool) -> Batch:
-    """Assemble the UNet call for ``draws``. ``text_states`` maps each prompt (and "") to (L, D) states."""
+    """Assemble the UNet call for ``draws`` in inference's frame layout (``oxigaf.layout``).
+    ``text_states`` maps each prompt (and "") to (L, D) states."""
     views = dataset.views
-    frames = views + 1 if image_conditioned else views
+    frames = layout.num_frames(views, image_conditioned)
     xs, ts, ctx, cams, ips, refs, targets = [], [], [], [], [], [], []
     for d in draws:
         lat = dataset.latents[d.subject]
         x0 = lat[d.targets].astype(np.float32)
         a = np.float32(alphas_cumprod[d.timestep])
-        noisy = np.sqrt(a) * x0 + np.sqrt(np.float32(1.0) - a) * d.noise
+        noisy = layout.with_reference_slot(layout.add_noise(x0, d.noise, a), frames)
         targets.append(np.asarray(prediction_target(prediction_type, x0, d.noise, a), np.float32))
-        cam = dataset.cameras(d.subject, d.reference, d.targets)
-        if image_conditioned:
-            noisy = np.concatenate([noisy, np.zeros((1,) + noisy.shape[1:], np.float32)])
-            cam = np.concatenate([cam, np.zeros((1, 16), np.float32)])
+        cams.append(layout.camera_rows(dataset.cameras(d.subject, d.reference, d.targets), frames))
         if normals:
             nl = dataset.normal_latents[d.subject]
             nidx = d.targets + ([d.reference] if image_conditioned else [])
             noisy = np.concatenate([noisy, nl[nidx].astype(np.float32)], axis=1)
         xs.append(noisy)
         ts.append(np.full(frames, d.timestep, np.float32))
-        cams.append(cam)
         prompt = "" if d.drop_text else dataset.subjects[d.subject].prompt
         ctx.append(np.broadcast_to(text_states[prompt], (frames,) + text_states[prompt].shape))
         if image_conditioned:
+            # image dropout is inference's unconditional branch: zero CLIP states, zero reference latent
             states = dataset.clip_states[d.subject][d.reference].astype(np.float32)
-            if d.drop_image:
-                states = np.zeros_like(states)
-            ips.append(np.broadcast_to(states, (frames,) + states.shape))
             ref = lat[d.reference].astype(np.float32)
             if d.drop_image:
-                ref = np.zeros_like(ref)
+                states, ref = layout.unconditional(states), layout.unconditional(ref)
+            ips.append(np.broadcast_to(states, (frames,) + states.shape))
             if normals:
                 ref = np.concatenate([ref, dataset.normal_latents[d.subject][d.reference].astype(np.float32)])
             refs.append(ref)
