@@ -105,8 +105,8 @@ def test_same_seed_same_views_across_backends():
 def test_save_writes_everything_atomically(e2e_out, tmp_path):
     folder = e2e_out.save(tmp_path / "views")
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["cameras.json", "grid.png", "transforms.json", "view_00.png", "view_01.png", "view_02.png",
-                     "view_03.png"]
+    assert names == ["cameras.json", "grid.png", "input.png", "oxigaf.json", "transforms.json", "view_00.png",
+                     "view_01.png", "view_02.png", "view_03.png"]
     tj = json.loads((folder / "transforms.json").read_text())
     assert len(tj["frames"]) == 4 and tj["w"] == 256
     with pytest.raises(InputError, match="not empty"):
