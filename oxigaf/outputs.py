@@ -212,11 +212,13 @@ def _image_record(image) -> tuple[dict[str, Any] | None, bytes | None]:
 
 
 def run_record(pipe, *, config: DiffusionConfig, seed: int, cameras, prompt: str, negative_prompt: str,
-               image, size: int | None = None) -> RunRecord:
+               image, size: int | None = None, latents=None) -> RunRecord:
     """What ``pipe`` was asked to make one output: the record ``save`` writes as ``oxigaf.json``.
 
     ``config`` is the call's resolved config (per-call overrides applied); ``seed`` the item's own
-    seed; ``image`` the input as the caller gave it (a path, a PIL image, an array, or None).
+    seed; ``image`` the input as the caller gave it (a path, a PIL image, an array, or None);
+    ``latents`` the item's initial noise when the caller gave it instead of the seed drawing it
+    (recorded by its SHA-256: such a run cannot be replayed from the record alone).
     """
     from . import __version__
 
@@ -242,6 +244,8 @@ def run_record(pipe, *, config: DiffusionConfig, seed: int, cameras, prompt: str
         image=img,
         size=size,
     )
+    if latents is not None:
+        record["latents_sha256"] = hashlib.sha256(np.ascontiguousarray(latents, np.float32).tobytes()).hexdigest()
     record.input_png = png
     return record
 

@@ -263,3 +263,15 @@ def test_batch_writes_a_record_per_item_with_the_typed_settings(toy_photo, tmp_p
     shutil.rmtree(photos)
     assert main(["generate", "--replay", str(out / "b"), "-o", str(tmp_path / "b-again"), "--quiet"]) == 0
     assert all(np.array_equal(x, y) for x, y in zip(_views(out / "b"), _views(tmp_path / "b-again"), strict=True))
+
+
+def test_given_latents_are_recorded_and_such_a_run_is_not_replayed_from_the_record(tmp_path, capsys):
+    noise = np.random.default_rng(3).standard_normal((2, 4, 2, 2)).astype(np.float32)
+    rec = run_record(_pipe(), config=DiffusionConfig(), seed=0, cameras=[0.0], prompt="", negative_prompt="",
+                     image=None, latents=noise)
+    assert rec["latents_sha256"] == hashlib.sha256(noise.tobytes()).hexdigest()
+    assert "latents_sha256" not in run_record(_pipe(), config=DiffusionConfig(), seed=0, cameras=[0.0], prompt="",
+                                              negative_prompt="", image=None)
+    folder = _output(1, record=rec).save(tmp_path / "given")
+    assert main(["generate", "--replay", str(folder), "-o", str(tmp_path / "o")]) == 2
+    assert "latents its caller gave" in capsys.readouterr().err

@@ -103,6 +103,9 @@ def run(args, model: str | None = None) -> int:
     if record is not None and record.get("lora") is not None:
         raise InputError("the recorded run merged a LoRA adapter into the UNet: replay it with the Python API "
                          "(Pipeline(..., lora=...))")
+    if record is not None and record.get("latents_sha256"):
+        raise InputError("the recorded run started from latents its caller gave (not drawn from its seed): "
+                         "replay it with the Python API (generate(..., latents=...))")
     out_dir = check_output_folder(args.output, args.overwrite)
     s = _settings(args, record)
     if model is not None:
