@@ -25,11 +25,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(root: Path, *args: str):
-    """Start ``python -m oxigaf.serve`` with outputs under ``root``; yield (url, root, process); stop it."""
+def server(root: Path, *args: str, module: str = "oxigaf.serve"):
+    """Start ``python -m oxigaf.serve`` (or ``module``, e.g. ``oxigaf.cli serve``) with outputs under
+    ``root``; yield (url, root, process); stop it."""
     port = free_port()
     log = open(root.parent / f"{root.name}-server.log", "w+")
-    cmd = [sys.executable, "-m", "oxigaf.serve", "--backend", "torch", "--port", str(port), "--output", str(root),
+    cmd = [sys.executable, "-m", *module.split(), "--backend", "torch", "--port", str(port), "--output", str(root),
            *args]
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -304,6 +304,19 @@ def test_still_answers_after_bad_input(served, client, pipe, head):
 # --------------------------------------------------------------------------- the parts, without a server
 
 
+@pytest.mark.parametrize("args, message", [(["--port", "0"], "--port must be in 1..65535; got 0"),
+                                           (["--steps", "0"], r"steps must be in \[1, 200\]; got 0"),
+                                           (["--keep", "0"], "--keep must be >= 1; got 0")])
+def test_bad_options_exit_2_with_a_message(args, message):
+    import re
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "oxigaf.cli", "serve", *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and re.search(message, r.stderr), r.stderr
+
+
 def test_checks_name_the_problem():
     assert checks.number(3.0, "steps") == 3 and isinstance(checks.number(3.0, "steps"), int)
     assert checks.number("2", "seed") == 2

@@ -50,7 +50,7 @@ def browser(tmp_path):
 
 def test_upload_generate_and_see_the_views(tmp_path, browser):
     root = tmp_path / "out"
-    with server(root, "--steps", str(STEPS)) as (url, root, proc):
+    with server(root, "--steps", str(STEPS), module="oxigaf.cli serve") as (url, root, proc):  # the oxigaf command
         photo = root / "examples" / "toy_head.png"
         browser.get(url)
         wait = WebDriverWait(browser, 120)

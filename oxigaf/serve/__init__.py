@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from ..config import DTYPES, DiffusionConfig
@@ -110,8 +113,17 @@ def load_pipeline(args):
 def run(args) -> int:
     """Load the model, build the page and serve it until interrupted."""
     _check(args)
-    root = Path(args.output).absolute() if args.output else Path(tempfile.mkdtemp(prefix="oxigaf-serve-"))
+    temporary = not args.output
+    root = Path(tempfile.mkdtemp(prefix="oxigaf-serve-")) if temporary else Path(args.output).absolute()
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _serve(args, root)
+    finally:
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _serve(args, root: Path) -> int:
     _gradio_env(root)
     try:
         import gradio  # noqa: F401
@@ -129,11 +141,14 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the page",
               file=sys.stderr)
-    print(f"outputs: {store.runs}", file=sys.stderr)
+    print(f"outputs: {store.runs}" + ("" if args.output else " (a temporary folder, removed on exit)"),
+          file=sys.stderr)
     demo.launch(
         server_name=args.host, server_port=args.port, share=bool(args.share), allowed_paths=[str(root)],
         max_file_size=max_bytes, ssr_mode=False, mcp_server=False, theme=app.theme(), footer_links=["api"],
         prevent_thread_lock=True, quiet=False, show_error=True, inbrowser=False)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop closes the server as Ctrl-C does
     try:
         demo.block_thread()
     except KeyboardInterrupt:
@@ -141,6 +156,10 @@ def run(args) -> int:
     finally:
         demo.close()
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:

@@ -74,15 +74,19 @@ class RunStore:
         self.runs = self.root / "runs"
         self.keep = keep
         self._lock = threading.Lock()
+        self._count = 0
         try:
             self.runs.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot create the output folder {self.runs}: {exc}") from exc
 
-    @staticmethod
-    def new_id() -> str:
-        """Sorts by creation time (to the second), unique by its random tail."""
-        return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    def new_id(self) -> str:
+        """Sorts in creation order (the time to the second, then this store's count), unique by its
+        random tail."""
+        with self._lock:
+            self._count += 1
+            count = self._count
+        return f"{time.strftime('%Y%m%d-%H%M%S')}-{count:06d}-{secrets.token_hex(4)}"
 
     def write(self, result) -> Run:
         """Save ``result`` (a ``MultiViewOutput``), its turntable and its zip as a new request folder."""
