@@ -381,11 +381,11 @@ def unet_step(spec: dict):
 def _eager_output(b, unet, run) -> np.ndarray:
     """``run()``'s output with the compiled graph of ``unet`` set aside (the same weights)."""
     if b.name == "torch":
-        body, unet.compiled_body = unet.compiled_body, None
+        body, unet.compiled_blocks = unet.compiled_blocks, None
         try:
             return _to_numpy(b, run())
         finally:
-            unet.compiled_body = body
+            unet.compiled_blocks = body
     unet.compiled = False
     try:
         return _to_numpy(b, run())
@@ -398,14 +398,14 @@ def _uses_winograd(b, unet) -> bool:
     (an eager call: a compiled graph has the direct ones)."""
     if b.name != "torch":
         return False
-    from oxigaf_torch import winograd
+    from oxigaf_torch.fast import winograd
 
     return any(m.winograd for m in winograd.wide_layers(unet))
 
 
 def _direct_output(b, unet, run) -> np.ndarray:
     """``run()``'s output with ``unet``'s Winograd convolutions switched off (torch)."""
-    from oxigaf_torch import winograd
+    from oxigaf_torch.fast import winograd
 
     winograd.enable(unet, False)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, OxigafError
 
 # Tensors that some published files carry but that are buffers, not parameters, in every
 # implementation: skipped by exact name suffix, never by a loose match.
@@ -262,6 +262,18 @@ def check_state(
         if items:
             lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
     raise ModelLoadError("\n".join(lines))
+
+
+def guarded(what: str, load, folder, **kwargs):
+    """``load(folder, **kwargs)``: a backend's model loader. The config checks catch what they know
+    of; anything else that fails while building the model from a config still ends as a
+    ``ModelLoadError`` naming the model and the folder."""
+    try:
+        return load(folder, **kwargs)
+    except OxigafError:
+        raise
+    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot build the {what} from {folder}: {type(exc).__name__}: {exc}") from exc
 
 
 def manifest_shapes(keys_json: str | os.PathLike) -> dict[str, tuple[int, ...]]:

@@ -209,12 +209,12 @@ def test_frozen_graph_steps_aside_when_the_weights_change():
     x, ts, ctx, ip, cam = t(f, 4, h, h), torch.full((f,), 500.0), t(f, 77, 64), t(f, 9, 1280), t(f, 16)
     with torch.no_grad():
         eager = model(x, ts, ctx, cam, f, ip)
-        model.compiled_body = lambda x, *rest: torch.zeros_like(x)  # the "frozen" graph
+        model.compiled_blocks = lambda x, *rest: torch.zeros_like(x)  # the "frozen" graph
         model._freezing = True
         assert torch.count_nonzero(model(x, ts, ctx, cam, f, ip)) == 0  # the graph ran
         assert torch.count_nonzero(model(x, ts, ctx, cam, f, ip)) == 0  # same weights: still the graph
         model.out[2].weight.mul_(2.0)
         with pytest.warns(UserWarning, match="weights changed"):
             changed = model(x, ts, ctx, cam, f, ip)
-        assert model.compiled_body is None
+        assert model.compiled_blocks is None
     assert rel_l2(changed.numpy(), eager.numpy()) > 1e-3  # the new weights, run eager

@@ -43,11 +43,11 @@ def test_group_norm_is_exact_for_large_mean_groups(backend):
 
 def test_channels_last_group_norm_keeps_its_layout_and_accuracy_on_large_maps(monkeypatch):
     # The VAE decoder runs channels-last. On a 256x256 map torch's channels-last kernel drifts
-    # (3e-6 here against float64, the groups centred); GroupNorm32 keeps the layout and the NCHW
-    # path's accuracy.
+    # (3e-6 here against float64, the groups centred); the inference GroupNorm (oxigaf_torch.fast)
+    # keeps the layout and the NCHW path's accuracy.
     torch = pytest.importorskip("torch")
-    from oxigaf_torch import common
-    from oxigaf_torch.common import GroupNorm32
+    from oxigaf_torch.fast import norms
+    from oxigaf_torch.fast.norms import FastGroupNorm as GroupNorm32
 
     g = torch.Generator().manual_seed(1)
     gn = GroupNorm32(32, 64, eps=1e-6)
@@ -60,7 +60,7 @@ def test_channels_last_group_norm_keeps_its_layout_and_accuracy_on_large_maps(mo
     want = _reference(x.numpy(), 32, 1e-6) * w + b
     with torch.no_grad():
         got, nchw = gn(cl), gn(x)
-        monkeypatch.setattr(common, "LARGE_MAP", 10**9)  # the centred groups through the kernel
+        monkeypatch.setattr(norms, "LARGE_MAP", 10**9)  # the centred groups through the kernel
         kernel = gn(cl)
     assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
     assert rel_l2(kernel.numpy(), want) > 5e-7  # the drift this guards against is real

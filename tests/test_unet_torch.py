@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from oxigaf.checkpoints import load_state, manifest_shapes, write_random_checkpo
 from oxigaf.errors import ConfigError, InputError, ModelLoadError  # noqa: E402
 from oxigaf_torch import common  # noqa: E402
 from oxigaf_torch.backend import TorchBackend  # noqa: E402
+from oxigaf_torch.fast import norms  # noqa: E402
 from oxigaf_torch.unet import MultiViewUNet, load_unet  # noqa: E402
 
 from conftest import CHECKPOINTS, FIXTURES, rel_l2  # noqa: E402
@@ -238,7 +240,7 @@ def test_fast_group_norm_in_half_precision(dtype, layout):
         ref = torch.nn.functional.group_norm(x.double(), 8, w, b, norm.eps)
         ref = torch.nn.functional.silu(ref) if act else ref
         with torch.no_grad():
-            ours = common.group_norm_act(norm, x, act, reuse=False)
+            ours = norms.group_norm_act(norm, x, act, reuse=False)
             # the module's own NCHW path (a channels-last map would take the fast function too)
             module = norm(x.contiguous())
             module = torch.nn.functional.silu(module) if act else module
@@ -251,7 +253,7 @@ def test_grad_mode_records_a_graph_only_when_something_needs_a_gradient(imagedre
     # The pipeline calls the UNet with grad mode on (the core knows nothing of torch): frozen
     # weights and plain inputs must still get the inference path, here seen by its in-place GEGLU.
     model, ref = _model(imagedream)
-    from oxigaf_torch import buffers
+    from oxigaf_torch.fast import buffers
 
     kept, scratch = [], buffers.scratch
 
@@ -355,3 +357,38 @@ def test_real_checkpoint_shapes_load(component, tmp_path):
     assert got == shapes
     assert all(p.device.type == "cpu" and p.dtype == torch.float16 for p in model.parameters())
     del model
+
+
+def test_one_switch_turns_the_speed_ups_off(imagedream, monkeypatch):
+    """``fast=False`` and ``OXIGAF_TORCH_FAST=0`` load the plain network (no module swapped, no
+    wrapper), and it gives the reference's output, as the sped-up model does."""
+    from oxigaf_torch import fast
+
+    model, fast_out = _model(imagedream)
+    assert type(model).__name__ == "FastMultiViewUNet"
+    monkeypatch.setenv(fast.ENV, "0")
+    plain_env = load_unet(imagedream["folder"])
+    monkeypatch.delenv(fast.ENV)
+    plain = load_unet(imagedream["folder"], fast=False)
+    for m in (plain, plain_env):
+        assert {type(mod).__module__ for mod in m.modules()}.isdisjoint({"oxigaf_torch.fast.unet",
+                                                                          "oxigaf_torch.fast.winograd",
+                                                                          "oxigaf_torch.fast.norms"})
+        out = _run(m, imagedream)
+        assert rel_l2(out, imagedream["expected"]) <= TOL
+        assert rel_l2(out, fast_out) <= 1e-5
+    assert TorchBackend(device="cpu").versions()["fast"] == "on"
+
+
+def test_model_files_hold_no_speed_machinery():
+    """The network files read as networks: the speed-ups live in oxigaf_torch/fast only."""
+    import oxigaf_torch
+
+    root = Path(oxigaf_torch.__file__).parent
+    banned = ("buffers", "winograd", "set_grad_enabled", "is_grad_enabled", "channels_last", "records_graph",
+              "compiled", "_version", "threading", ".data =", "set_flush_denormal")
+    in_place = ("inplace", "add_(", "mul_(", "sub_(")  # common.attention's chunked mode works in place
+    for name in ("unet.py", "vae.py", "upsampler.py", "clip.py", "resampler.py", "common.py"):
+        text = (root / name).read_text()
+        found = [b for b in banned + (in_place if name != "common.py" else ()) if b in text]
+        assert not found, f"{name}: {found}"

@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) and im2col-GEMM convolutions (oxigaf_torch.winograd) against float64
+"""Winograd F(4x4, 3x3) and im2col-GEMM convolutions (oxigaf_torch.fast.winograd) against float64
 convolutions and, in the whole UNet, against the reference ImageDream fixture."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 from test_unet_torch import TOL, _case, _run  # noqa: E402
 
-from oxigaf_torch import winograd  # noqa: E402
+from oxigaf_torch.fast import winograd  # noqa: E402
 from oxigaf_torch.unet import load_unet  # noqa: E402
 
 from conftest import rel_l2  # noqa: E402
@@ -60,8 +60,8 @@ def test_conv3x3_gemm_equals_convolution(dtype, layout, stride, bias):
 
 
 def test_gemm_applies_on_small_maps_only():
-    conv = winograd.Conv2d(320, 320, 3, padding=1)
-    down = winograd.Conv2d(320, 320, 3, stride=2, padding=1)
+    conv = winograd.FastConv2d(320, 320, 3, padding=1)
+    down = winograd.FastConv2d(320, 320, 3, stride=2, padding=1)
     with torch.no_grad():
         for dt in (torch.float32, torch.bfloat16):
             conv.to(dt), down.to(dt)
@@ -71,7 +71,7 @@ def test_gemm_applies_on_small_maps_only():
             assert not down.gemm_applies(torch.randn(1, 320, 32, 32, dtype=dt))
         conv.half()
         assert not conv.gemm_applies(torch.randn(1, 320, 4, 4, dtype=torch.float16))  # not measured
-        assert not winograd.Conv2d(64, 64, 3, padding=1).gemm_applies(torch.randn(1, 64, 4, 4))  # narrow
+        assert not winograd.FastConv2d(64, 64, 3, padding=1).gemm_applies(torch.randn(1, 64, 4, 4))  # narrow
     conv.float()
     assert not conv.gemm_applies(torch.randn(1, 320, 4, 4))  # autograd on: the plain convolution
 
@@ -92,7 +92,7 @@ def _counting(monkeypatch):
 
 def test_kept_kernel_follows_weight_changes(monkeypatch):
     _wide_enough(monkeypatch)
-    conv = winograd.Conv2d(16, 16, 3, padding=1).requires_grad_(False)
+    conv = winograd.FastConv2d(16, 16, 3, padding=1).requires_grad_(False)
     conv.winograd = True
     x = torch.randn(2, 16, 8, 8)
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_kept_kernel_follows_weight_changes(monkeypatch):
 
 def test_small_maps_make_the_kernel_per_call(monkeypatch):
     _wide_enough(monkeypatch, keep=16)
-    conv = winograd.Conv2d(16, 24, 3, padding=1).requires_grad_(False)
+    conv = winograd.FastConv2d(16, 24, 3, padding=1).requires_grad_(False)
     conv.winograd = True
     x = torch.randn(2, 16, 8, 8)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_weight_layout_follows_the_path(monkeypatch):
     """The direct path on channels-last maps gets a channels-last weight (oneDNN would reorder a
     standard one on every call), the per-call kernel a standard one; each call stays exact."""
     _wide_enough(monkeypatch, size=8, keep=16)
-    conv = winograd.Conv2d(16, 24, 3, padding=1).requires_grad_(False)
+    conv = winograd.FastConv2d(16, 24, 3, padding=1).requires_grad_(False)
     conv.winograd = True
     g = torch.Generator().manual_seed(1)
     small = torch.randn(2, 16, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
@@ -151,7 +151,7 @@ def test_weight_layout_follows_the_path(monkeypatch):
 
 
 def test_applies_only_where_it_is_exact_and_pays():
-    conv = winograd.Conv2d(320, 320, 3, padding=1)
+    conv = winograd.FastConv2d(320, 320, 3, padding=1)
     conv.winograd = True
     x = torch.randn(1, 320, 16, 16)
     with torch.no_grad():
@@ -159,9 +159,9 @@ def test_applies_only_where_it_is_exact_and_pays():
         assert not conv.applies(torch.randn(1, 320, 18, 16))  # not a multiple of the tile
         assert not conv.applies(torch.randn(1, 320, 4, 4))  # below MIN_SIZE
         assert not conv.applies(x.double())
-        assert not winograd.Conv2d(320, 320, 3, stride=2, padding=1).applies(x)
-        assert not winograd.Conv2d(64, 64, 3, padding=1).applies(torch.randn(1, 64, 16, 16))  # narrow
-        mid = winograd.Conv2d(128, 128, 3, padding=1)  # wide enough only channels-last
+        assert not winograd.FastConv2d(320, 320, 3, stride=2, padding=1).applies(x)
+        assert not winograd.FastConv2d(64, 64, 3, padding=1).applies(torch.randn(1, 64, 16, 16))  # narrow
+        mid = winograd.FastConv2d(128, 128, 3, padding=1)  # wide enough only channels-last
         assert mid.applies(torch.randn(1, 128, 16, 16).contiguous(memory_format=torch.channels_last))
         assert not mid.applies(torch.randn(1, 128, 16, 16))
     assert not conv.applies(x)  # autograd on: the plain convolution, whose gradient torch knows
@@ -210,9 +210,9 @@ def test_load_unet_defaults(monkeypatch):
     assert narrow.winograd_conv and not winograd.wide_layers(narrow) and not narrow.channels_last
     _wide_enough(monkeypatch)
     on = load_unet(c["folder"])
-    assert on.channels_last and all(m.winograd for m in on.modules() if isinstance(m, winograd.Conv2d))
+    assert on.channels_last and all(m.winograd for m in on.modules() if isinstance(m, winograd.FastConv2d))
     off = load_unet(c["folder"], dtype="bfloat16")
-    assert not any(m.winograd for m in off.modules() if isinstance(m, winograd.Conv2d))
+    assert not any(m.winograd for m in off.modules() if isinstance(m, winograd.FastConv2d))
     assert not load_unet(c["folder"], winograd_conv=False).channels_last
 
 

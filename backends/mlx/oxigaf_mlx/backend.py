@@ -5,7 +5,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from oxigaf.errors import BackendError, ModelLoadError, OxigafError
+from oxigaf.backend import Backend
+from oxigaf.checkpoints import guarded
+from oxigaf.errors import BackendError
 
 from .common import MLX_DTYPES
 
@@ -26,18 +28,7 @@ def _pick_device(device: str | None) -> str:
     return device
 
 
-def _guarded(what: str, load, folder, **kwargs):
-    """Run a model loader. The config checks catch what they know of; anything else that fails
-    while building the model from a config still ends as a ``ModelLoadError`` naming the folder."""
-    try:
-        return load(folder, **kwargs)
-    except OxigafError:
-        raise
-    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot build the {what} from {folder}: {type(exc).__name__}: {exc}") from exc
-
-
-class MLXBackend:
+class MLXBackend(Backend):
     name = "mlx"
 
     def __init__(self, device: str | None = None, dtype: str = "float32"):
@@ -47,6 +38,9 @@ class MLXBackend:
 
     def __repr__(self):
         return f"MLXBackend(device={self.device!r}, dtype={self.dtype!r})"
+
+    def versions(self) -> dict[str, str]:
+        return {"mlx": mx.__version__, "device": self.device}
 
     # -- arrays ----------------------------------------------------------------------------
 
@@ -92,27 +86,27 @@ class MLXBackend:
     def load_unet(self, folder, *, attention: str = "auto", dtype: str | None = None, **kw):
         from .unet import load_unet
 
-        return _guarded("multi-view UNet", load_unet, folder, dtype=dtype or self.dtype, attention=attention, **kw)
+        return guarded("multi-view UNet", load_unet, folder, dtype=dtype or self.dtype, attention=attention, **kw)
 
     def load_vae(self, folder, *, dtype: str | None = None, **kw):
         from .vae import load_vae
 
-        return _guarded("VAE", load_vae, folder, dtype=dtype or "float32", **kw)
+        return guarded("VAE", load_vae, folder, dtype=dtype or "float32", **kw)
 
     def load_image_encoder(self, folder, *, dtype: str | None = None, **kw):
         from .clip import load_image_encoder
 
-        return _guarded("CLIP image encoder", load_image_encoder, folder, dtype=dtype or self.dtype, **kw)
+        return guarded("CLIP image encoder", load_image_encoder, folder, dtype=dtype or self.dtype, **kw)
 
     def load_text_encoder(self, folder, *, dtype: str | None = None, **kw):
         from .clip import load_text_encoder
 
-        return _guarded("CLIP text encoder", load_text_encoder, folder, dtype=dtype or self.dtype, **kw)
+        return guarded("CLIP text encoder", load_text_encoder, folder, dtype=dtype or self.dtype, **kw)
 
     def load_upsampler_unet(self, folder, *, dtype: str | None = None, **kw):
         from .upsampler import load_upsampler_unet
 
-        return _guarded("upsampler UNet", load_upsampler_unet, folder, dtype=dtype or self.dtype, **kw)
+        return guarded("upsampler UNet", load_upsampler_unet, folder, dtype=dtype or self.dtype, **kw)
 
     # -- training --------------------------------------------------------------------------
 

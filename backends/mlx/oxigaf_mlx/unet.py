@@ -16,27 +16,21 @@ graph (only the chunked attention mode evaluates its query blocks as it goes, to
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from oxigaf import unet as checks
 from oxigaf.checkpoints import load_state
 from oxigaf.config import UNET_NORM_GROUPS, UNetConfig, check_load_options
 from oxigaf.errors import InputError
+from oxigaf.unet import RESAMPLER_DEPTH, RESAMPLER_DIM_HEAD, RESAMPLER_EMBEDDING_DIM, RESAMPLER_FF_MULT, RESAMPLER_HEADS
 
 from . import common
 from .common import Upsample, attention, group_norm, merge_heads, norm32, split_heads, timestep_embedding
-
-# The reference hard-codes the IP-Adapter-Plus resampler's geometry (only its query count,
-# ``ip_dim``, and its width, ``context_dim``, come from the config).
-RESAMPLER_DEPTH = 4
-RESAMPLER_HEADS = 12
-RESAMPLER_DIM_HEAD = 64
-RESAMPLER_EMBEDDING_DIM = 1280  # CLIP ViT-H/14 hidden size
-RESAMPLER_FF_MULT = 4
+from .resampler import Resampler
 
 
 @dataclass(frozen=True)
@@ -213,59 +207,6 @@ def _run_block(layers: list, h: mx.array, emb: mx.array, context: mx.array, num_
     return h
 
 
-# --------------------------------------------------------------------------- image-prompt resampler
-
-
-class PerceiverAttention(nn.Module):
-    def __init__(self, dim: int, dim_head: int, heads: int):
-        super().__init__()
-        inner = dim_head * heads
-        self.heads = heads
-        self.dim_head = dim_head
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-
-    def __call__(self, x: mx.array, latents: mx.array, call: _Call) -> mx.array:
-        x = norm32(self.norm1, x)
-        latents = norm32(self.norm2, latents)
-        q = split_heads(self.to_q(latents), self.heads)
-        k, v = mx.split(self.to_kv(mx.concatenate([x, latents], axis=-2)), 2, axis=-1)
-        # The reference scales q and k by dim_head^-1/4 each before the product (gentler on float16).
-        s = 1.0 / math.sqrt(math.sqrt(self.dim_head))
-        out = attention(q * s, split_heads(k, self.heads) * s, split_heads(v, self.heads), call.mode, scale=1.0,
-                        chunk_size=call.chunk_size)
-        return self.to_out(merge_heads(out))
-
-
-class Resampler(nn.Module):
-    """IP-Adapter-Plus Perceiver resampler: CLIP hidden states -> ``num_queries`` context tokens."""
-
-    def __init__(self, dim: int, depth: int, dim_head: int, heads: int, num_queries: int, embedding_dim: int,
-                 output_dim: int, ff_mult: int):
-        super().__init__()
-        self.latents = mx.zeros((1, num_queries, dim))
-        self.proj_in = nn.Linear(embedding_dim, dim)
-        self.proj_out = nn.Linear(dim, output_dim)
-        self.norm_out = nn.LayerNorm(output_dim)
-        self.layers = [
-            [PerceiverAttention(dim, dim_head, heads),
-             [nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult, bias=False), nn.GELU(),
-              nn.Linear(dim * ff_mult, dim, bias=False)]]
-            for _ in range(depth)
-        ]
-
-    def __call__(self, x: mx.array, call: _Call) -> mx.array:
-        latents = mx.broadcast_to(self.latents, (x.shape[0], *self.latents.shape[1:]))
-        x = self.proj_in(x)
-        for attn, ff in self.layers:
-            latents = attn(x, latents, call) + latents
-            latents = ff[3](nn.gelu(ff[1](norm32(ff[0], latents)))) + latents
-        return norm32(self.norm_out, self.proj_out(latents))
-
-
 # --------------------------------------------------------------------------- the UNet
 
 
@@ -370,24 +311,18 @@ class MultiViewUNet(nn.Module):
         """
         out_dtype = x.dtype if isinstance(x, mx.array) and mx.issubdtype(x.dtype, mx.floating) else self.dtype
         x = self._as(x, "x")
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise InputError(f"x must be (B·F, {self.in_channels}, h, w); got {tuple(x.shape)}")
-        n, _, h, w = x.shape
-        _check_frames(num_frames, n)
-        depth = len(self.config.channel_mult) - 1
-        if h % (1 << depth) or w % (1 << depth):
-            raise InputError(f"latent height and width must be multiples of {1 << depth}; got {h}x{w}")
+        checks.check_latents(tuple(x.shape), self.in_channels, len(self.config.channel_mult))
+        n = x.shape[0]
+        checks.check_frames(num_frames, n)
         mode = common.resolve_attention(self.attention if attention is None else attention)
         timesteps = common.per_item(timesteps, n, "timesteps")
 
         call = _Call(mode, self.chunk_size, float(self.ip_weight if ip_weight is None else ip_weight))
         if cache is None:
             cache = self._prepare(context, camera, num_frames, ip, n, mode, with_kv=False)
-        elif context is not None or camera is not None or ip is not None:
-            raise InputError("pass either cache= or context/camera/ip, not both")
-        elif not isinstance(cache, UNetCache) or (cache.batch, cache.num_frames) != (n, num_frames):
-            got = (getattr(cache, "batch", None), getattr(cache, "num_frames", None))
-            raise InputError(f"cache was prepared for (batch, num_frames) {got}; this call has {(n, num_frames)}")
+        else:
+            made_for = (cache.batch, cache.num_frames) if isinstance(cache, UNetCache) else (None, None)
+            checks.check_cache(made_for, (n, num_frames), context is not None or camera is not None or ip is not None)
         if cache.kv:
             call = _Call(call.mode, call.chunk_size, call.ip_weight, cache.kv)
 
@@ -395,9 +330,9 @@ class MultiViewUNet(nn.Module):
         if cache.camera_emb is not None:
             emb = emb + cache.camera_emb
         if ip_img is not None:
-            if self.ip_dim == 0:
-                raise InputError("this UNet has no image-prompt path (ip_dim 0); pass ip=None and ip_img=None")
-            x = self._place_reference(x, self._as(ip_img, "ip_img"), num_frames)
+            ip_img = self._as(ip_img, "ip_img")
+            checks.check_reference(tuple(ip_img.shape), tuple(x.shape), num_frames, self.ip_dim)
+            x = self._place_reference(x, ip_img, num_frames)
         context = cache.context
 
         if not self.compiled or call.mode == "chunked":  # chunked evaluates as it goes: not traceable
@@ -443,7 +378,7 @@ class MultiViewUNet(nn.Module):
         if not isinstance(context, mx.array) or context.ndim < 1:
             raise InputError(f"context must be a (B·F, L, {self.context_dim}) array; got {type(context).__name__}")
         n = context.shape[0]
-        _check_frames(num_frames, n)
+        checks.check_frames(num_frames, n)
         mode = common.resolve_attention(self.attention)  # the resampler's, as a plain call's
         cache = self._prepare(context, camera, num_frames, ip, n, mode, with_kv=True)
         mx.eval(cache.context, cache.camera_emb, *[a for kv in cache.kv.values() for a in kv])
@@ -454,30 +389,20 @@ class MultiViewUNet(nn.Module):
         context = common.check_tokens(self._as(context, "context"), n, self.context_dim, "context")
         camera_emb = None
         if camera is not None:
-            if self.camera_dim is None:
-                raise InputError("this UNet has no camera embedding; pass camera=None")
             camera = self._as(camera, "camera")
-            if tuple(camera.shape) != (n, self.camera_dim):
-                raise InputError(f"camera must be ({n}, {self.camera_dim}); got {tuple(camera.shape)}")
+            checks.check_camera(tuple(camera.shape), n, self.camera_dim)
             camera_emb = _mlp(self.camera_embed, camera)
         # With caching, frames that repeat their group's first frame share its work (then repeat).
         share = with_kv and num_frames > 1 and _same_in_groups(context, num_frames)
+        ip = None if ip is None else self._as(ip, "ip")
+        checks.check_image_prompt(None if ip is None else tuple(ip.shape), n, self.ip_dim)
         if self.ip_dim > 0:
-            if ip is None:
-                raise InputError(
-                    f"ImageDream UNet needs ip (CLIP hidden states, (B·F, 257, {RESAMPLER_EMBEDDING_DIM}))"
-                )
-            ip = self._as(ip, "ip")
-            if ip.ndim != 3 or ip.shape[0] != n or ip.shape[2] != RESAMPLER_EMBEDDING_DIM:
-                raise InputError(f"ip must be ({n}, T, {RESAMPLER_EMBEDDING_DIM}); got {tuple(ip.shape)}")
             if with_kv and num_frames > 1 and _same_in_groups(ip, num_frames):
                 tokens = self.image_embed(ip[::num_frames], call)
                 tokens = tokens if share else mx.repeat(tokens, num_frames, axis=0)
             else:
                 tokens, share = self.image_embed(ip, call), False
             context = mx.concatenate([context[::num_frames] if share else context, tokens], axis=1)
-        elif ip is not None:
-            raise InputError("this UNet has no image-prompt path (ip_dim 0); pass ip=None and ip_img=None")
         elif share:
             context = context[::num_frames]
         kv = {}
@@ -494,17 +419,10 @@ class MultiViewUNet(nn.Module):
         """x with frame F−1 of every group replaced by the reference latent (a new array)."""
         n, c, h, w = x.shape
         batch = n // num_frames
-        if ref.ndim != 4 or ref.shape[0] != batch or tuple(ref.shape[2:]) != (h, w) or ref.shape[1] > c:
-            raise InputError(f"ip_img must be ({batch}, <= {c}, {h}, {w}); got {tuple(ref.shape)}")
         groups = x.reshape(batch, num_frames, c, h, w)
         if ref.shape[1] < c:
             ref = mx.concatenate([ref, groups[:, -1, ref.shape[1]:]], axis=1)
         return mx.concatenate([groups[:, :-1], ref[:, None]], axis=1).reshape(n, c, h, w)
-
-
-def _check_frames(num_frames, n: int) -> None:
-    if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1 or n % num_frames:
-        raise InputError(f"num_frames must be a positive integer dividing the batch {n}; got {num_frames!r}")
 
 
 def _same_in_groups(t: mx.array, num_frames: int) -> bool:

@@ -22,19 +22,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from oxigaf.checkpoints import load_state, rename
+from oxigaf import vae as plan
 from oxigaf.config import VAEConfig, check_load_options
-from oxigaf.errors import ConfigError, InputError, ModelLoadError
+from oxigaf.errors import InputError
+from oxigaf.vae import LOGVAR_RANGE, read_vae_state
 
 from . import common
 from .common import ResnetSkeleton, Upsample, attention, group_norm, norm32
 
 EPS = 1e-6
-LOGVAR_RANGE = (-30.0, 20.0)
-
-# diffusers < 0.14 names of the mid-block attention's layers -> today's names.
-LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_ATTENTION_PREFIXES = ("encoder.mid_block.attentions.", "decoder.mid_block.attentions.")
 
 
 # --------------------------------------------------------------------------- blocks
@@ -171,45 +167,6 @@ class Decoder(nn.Module):
         return self.conv_out(nn.silu(norm32(self.conv_norm_out, x)))
 
 
-# --------------------------------------------------------------------------- tiling
-
-
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets of tiles of ``tile`` covering ``length``; the last one is flush with the end."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
-
-
-def blend_ramp(size: int, ramp: int, head: bool, tail: bool) -> np.ndarray:
-    """1-D tile weight: 1 inside, a linear ramp from ~0 over ``ramp`` samples at each edge that
-    another tile overlaps, so overlapping tiles cross-fade and tile borders carry little weight."""
-    w = np.ones(size, np.float32)
-    r = min(ramp, size)
-    if r > 0:
-        up = (np.arange(r, dtype=np.float32) + 0.5) / r
-        if head:
-            w[:r] = np.minimum(w[:r], up)
-        if tail:
-            w[size - r:] = np.minimum(w[size - r:], up[::-1])
-    return w
-
-
-def _tile_plan(tile_size: int, tile_overlap: int | None, factor: int) -> tuple[int, int]:
-    """Pixel tile size and overlap, checked: multiples of the VAE's scale factor, overlap < tile."""
-    if not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 0 or tile_size % factor:
-        raise ConfigError(f"VAE tile_size must be 0 or a positive multiple of {factor} pixels; got {tile_size!r}")
-    if tile_overlap is None:
-        tile_overlap = (tile_size // 4) // factor * factor
-    if (not isinstance(tile_overlap, int) or isinstance(tile_overlap, bool) or tile_overlap < 0
-            or tile_overlap % factor or (tile_size and tile_overlap >= tile_size)):
-        raise ConfigError(
-            f"VAE tile_overlap must be a multiple of {factor} pixels in [0, tile_size); got {tile_overlap!r}"
-        )
-    return tile_size, tile_overlap
-
-
 # --------------------------------------------------------------------------- the VAE
 
 
@@ -232,7 +189,7 @@ class VAE(nn.Module):
         self.config = config
         self.scaling_factor = float(config.scaling_factor)
         self.shift_factor = config.shift_factor
-        self.scale_factor = 2 ** (len(config.block_out_channels) - 1)
+        self.scale_factor = config.downsampling_factor
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         c = config.latent_channels
@@ -283,19 +240,15 @@ class VAE(nn.Module):
         call; 0 disables tiling. Images no larger than a tile are decoded whole.
         """
         z = self._input(latents, self.config.latent_channels, "latents")
-        if tile_size is None:
-            tile, overlap = self.tile_size, self.tile_overlap if tile_overlap is None else tile_overlap
-        else:
-            tile, overlap = tile_size, tile_overlap
-        tile, overlap = _tile_plan(tile, overlap, self.scale_factor)
-        mode = common.resolve_attention(self.attention)
         f = self.scale_factor
+        tile, overlap = plan.call_tiling((self.tile_size, self.tile_overlap), tile_size, tile_overlap, f)
+        mode = common.resolve_attention(self.attention)
         outs = []
         for i in range(z.shape[0]):
             zi = z[i:i + 1]
             if "post_quant_conv" in self:
                 zi = self.post_quant_conv(zi)
-            if tile and (zi.shape[1] * f > tile or zi.shape[2] * f > tile):
+            if plan.is_tiled(tile, zi.shape[1], zi.shape[2], f):
                 img = self._decode_tiled(zi, tile // f, overlap // f, mode)
             else:
                 img = self.decoder(zi, mode, self.chunk_size)
@@ -313,36 +266,20 @@ class VAE(nn.Module):
         h = self.decoder.trunk(z, mode, self.chunk_size)
         mx.eval(h)
         _, lh, lw, _ = h.shape
-        stride = tile - overlap
         out = mx.zeros((1, lh * f, lw * f, self.config.out_channels), dtype=mx.float32)
         weight = mx.zeros((1, lh * f, lw * f, 1), dtype=mx.float32)
-        th, tw = min(tile, lh), min(tile, lw)
-        for y in tile_starts(lh, tile, stride):
-            wy = blend_ramp(th * f, overlap * f, head=y > 0, tail=y + th < lh)
-            for x in tile_starts(lw, tile, stride):
-                wx = blend_ramp(tw * f, overlap * f, head=x > 0, tail=x + tw < lw)
-                img = self.decoder.tail(h[:, y:y + th, x:x + tw]).astype(mx.float32)
-                wt = mx.array(np.outer(wy, wx))[None, :, :, None]
-                ys, xs = slice(y * f, (y + th) * f), slice(x * f, (x + tw) * f)
-                out[:, ys, xs] = out[:, ys, xs] + img * wt
-                weight[:, ys, xs] = weight[:, ys, xs] + wt
-                # One tile's activations at a time: evaluate before building the next tile's graph.
-                mx.eval(out, weight)
+        for t in plan.tiles(lh, lw, tile, overlap, f):
+            img = self.decoder.tail(h[:, t.y:t.y + t.h, t.x:t.x + t.w]).astype(mx.float32)
+            wt = mx.array(t.weight)[None, :, :, None]
+            ys, xs = slice(t.y * f, (t.y + t.h) * f), slice(t.x * f, (t.x + t.w) * f)
+            out[:, ys, xs] = out[:, ys, xs] + img * wt
+            weight[:, ys, xs] = weight[:, ys, xs] + wt
+            # One tile's activations at a time: evaluate before building the next tile's graph.
+            mx.eval(out, weight)
         return (out / weight).astype(z.dtype)
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def read_vae_state(folder) -> dict[str, np.ndarray]:
-    """The VAE's tensors with legacy (diffusers < 0.14) mid-block attention names mapped to today's."""
-    out: dict[str, np.ndarray] = {}
-    for key, value in load_state(folder).items():
-        new = next(iter(rename({key: None}, LEGACY_ATTENTION_NAMES))) if key.startswith(_ATTENTION_PREFIXES) else key
-        if new in out:
-            raise ModelLoadError(f"weights in {folder}: {new!r} appears under both its old and its new name")
-        out[new] = value
-    return out
 
 
 def load_vae(folder: str | os.PathLike, *, dtype: str = "float32", tile_size: int = 0,
@@ -356,7 +293,7 @@ def load_vae(folder: str | os.PathLike, *, dtype: str = "float32", tile_size: in
     check_load_options(dtype, attention, chunk_size)
     config = VAEConfig.from_folder(folder)
     config.check_geometry()
-    tile_size, tile_overlap = _tile_plan(tile_size, tile_overlap, 2 ** (len(config.block_out_channels) - 1))
+    tile_size, tile_overlap = plan.tile_plan(tile_size, tile_overlap, config.downsampling_factor)
     model = common.load_model(lambda: VAE(config), read_vae_state(folder), str(folder), dtype=dtype,
                               attention=attention, chunk_size=chunk_size)
     model.tile_size = tile_size

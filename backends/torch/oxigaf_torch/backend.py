@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from oxigaf.errors import BackendError, ModelLoadError, OxigafError
+from oxigaf.backend import Backend
+from oxigaf.checkpoints import guarded
+from oxigaf.errors import BackendError
 
 from .common import TORCH_DTYPES, torch_dtype
 
@@ -30,18 +32,7 @@ def _pick_device(device: str | None) -> torch.device:
     return dev
 
 
-def _guarded(what: str, load, folder, **kwargs):
-    """Run a model loader. The config checks catch what they know of; anything else that fails
-    while building the model from a config still ends as a ``ModelLoadError`` naming the folder."""
-    try:
-        return load(folder, **kwargs)
-    except OxigafError:
-        raise
-    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot build the {what} from {folder}: {type(exc).__name__}: {exc}") from exc
-
-
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, device: str | None = None, dtype: str = "float32"):
@@ -52,6 +43,13 @@ class TorchBackend:
 
     def __repr__(self):
         return f"TorchBackend(device={self.device!r}, dtype={self.dtype!r})"
+
+    def versions(self) -> dict[str, str]:
+        """The torch version, the device, and whether the inference speed-ups are on
+        (``oxigaf_torch.fast``; ``OXIGAF_TORCH_FAST=0`` turns them off)."""
+        from . import fast
+
+        return {"torch": torch.__version__, "device": self.device, "fast": "on" if fast.enabled() else "off"}
 
     # -- arrays ----------------------------------------------------------------------------
 
@@ -94,9 +92,9 @@ class TorchBackend:
             torch.cuda.reset_peak_memory_stats(self.torch_device)
 
     def clear_cache(self) -> None:
-        """Hand back memory held for reuse: the kept CPU buffers (``buffers``: up to 0.8 GB for the
-        ImageDream UNet in float32) and CUDA's cached blocks. ``low_memory`` calls it on release."""
-        from . import buffers
+        """Hand back memory held for reuse: the kept CPU buffers (``fast.buffers``: up to 0.8 GB for
+        the ImageDream UNet in float32) and CUDA's cached blocks. ``low_memory`` calls it on release."""
+        from .fast import buffers
 
         buffers.release()
         if self.torch_device.type == "cuda":
@@ -107,30 +105,30 @@ class TorchBackend:
     def load_unet(self, folder, *, attention: str = "auto", dtype: str | None = None, **kw):
         from .unet import load_unet
 
-        return _guarded("multi-view UNet", load_unet, folder, dtype=dtype or self.dtype,
+        return guarded("multi-view UNet", load_unet, folder, dtype=dtype or self.dtype,
                         device=self.torch_device, attention=attention, **kw)
 
     def load_vae(self, folder, *, dtype: str | None = None, **kw):
         from .vae import load_vae
 
-        return _guarded("VAE", load_vae, folder, dtype=dtype or "float32", device=self.torch_device, **kw)
+        return guarded("VAE", load_vae, folder, dtype=dtype or "float32", device=self.torch_device, **kw)
 
     def load_image_encoder(self, folder, *, dtype: str | None = None, **kw):
         from .clip import load_image_encoder
 
-        return _guarded("CLIP image encoder", load_image_encoder, folder, dtype=dtype or self.dtype,
+        return guarded("CLIP image encoder", load_image_encoder, folder, dtype=dtype or self.dtype,
                         device=self.torch_device, **kw)
 
     def load_text_encoder(self, folder, *, dtype: str | None = None, **kw):
         from .clip import load_text_encoder
 
-        return _guarded("CLIP text encoder", load_text_encoder, folder, dtype=dtype or self.dtype,
+        return guarded("CLIP text encoder", load_text_encoder, folder, dtype=dtype or self.dtype,
                         device=self.torch_device, **kw)
 
     def load_upsampler_unet(self, folder, *, dtype: str | None = None, **kw):
         from .upsampler import load_upsampler_unet
 
-        return _guarded("upsampler UNet", load_upsampler_unet, folder, dtype=dtype or self.dtype,
+        return guarded("upsampler UNet", load_upsampler_unet, folder, dtype=dtype or self.dtype,
                         device=self.torch_device, **kw)
 
     # -- training --------------------------------------------------------------------------

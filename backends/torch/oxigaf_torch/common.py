@@ -1,5 +1,6 @@
 """Pieces every torch model shares: weight loading, inputs, attention, float32 norms, the
-sinusoidal time features, the resnet skeleton and the nearest ×2 upsampler."""
+sinusoidal time features, the resnet skeleton and the nearest ×2 upsampler. Plain: the CPU
+inference speed-ups are applied after loading, from ``oxigaf_torch.fast``."""
 
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ from torch import nn
 from oxigaf.checkpoints import check_state
 from oxigaf.config import check_attention
 from oxigaf.errors import InputError
-
-from . import buffers, winograd
-from .winograd import Conv2d
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,33 +46,15 @@ def load_weights(module: nn.Module, state: Mapping[str, np.ndarray], where: str,
 
 
 def load_model(build: Callable[[], nn.Module], state: Mapping[str, np.ndarray], where: str, *, dtype: str,
-               device: str | torch.device, attention: str, chunk_size: int,
-               winograd_conv: bool | None = None) -> nn.Module:
+               device: str | torch.device, attention: str, chunk_size: int) -> nn.Module:
     """``build()`` on the meta device, ``state`` loaded into it strictly (``load_weights``), and
-    its call-time defaults set: attention, and Winograd convolutions (``winograd.Conv2d``; None:
-    on for float32 on the CPU, where they are faster), resolved into ``model.winograd_conv``."""
+    its call-time defaults set (attention mode, chunk size)."""
     with torch.device("meta"):
         model = build()
     load_weights(model, state, where, dtype=torch_dtype(dtype), device=device)
     model.attention = attention
     model.chunk_size = chunk_size
-    if winograd_conv is None:
-        winograd_conv = torch_dtype(dtype) == torch.float32 and torch.device(device).type == "cpu"
-    model.winograd_conv = bool(winograd_conv)
-    winograd.enable(model, model.winograd_conv)
     return model
-
-
-def records_graph(model: nn.Module, *inputs) -> bool:
-    """Whether a call of ``model`` on ``inputs`` must record autograd's graph: grad mode is on and
-    a parameter or an input tensor requires a gradient. The models' forwards run under
-    ``torch.no_grad`` otherwise, and so take their inference paths (in place, kept buffers,
-    Winograd and GEMM convolutions) for callers that never asked for gradients but did not turn
-    grad mode off either, the pipeline among them: loaded weights are frozen (``load_weights``)."""
-    if not torch.is_grad_enabled():
-        return False
-    return (any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
-            or any(p.requires_grad for p in model.parameters()))
 
 
 def as_float_input(t, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -133,99 +113,12 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x):
-        if x.ndim == 4 and winograd.is_channels_last(x) and not torch.is_grad_enabled():
-            # the same centring, the layout kept (under autograd the copy below, whose gradient
-            # torch knows, and an NCHW result)
-            return group_norm_act(self, x, act=False, reuse=False)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         xf = x.float()
         groups = xf.reshape(xf.shape[0], self.num_groups, -1)
         centred = (groups - groups.mean(dim=-1, keepdim=True)).reshape(xf.shape)
         return F.group_norm(centred, self.num_groups, w, b, self.eps).to(x.dtype)
-
-
-def _channel_group_mean(t: torch.Tensor, sdim: int, groups: int) -> torch.Tensor:
-    """Per-group mean of a (B, C, S) or (B, S, C) tensor (``sdim`` the spatial axis), as (B, C)
-    float32 with each channel holding its group's mean. For a half-precision ``t`` the
-    per-channel means are a GEMM with a row of 1/S (0.15-0.5x ``mean``'s time on the CPU, which
-    copies all of ``t`` to float32 first; means, not sums, which would overflow float16),
-    rounded to ``t``'s dtype: as a centring offset (below) that does as well as the exact mean."""
-    if t.dtype == torch.float32:
-        per_channel = t.mean(sdim, dtype=torch.float32)
-    else:
-        size = t.shape[sdim]
-        weights = torch.full((t.shape[0], 1, size), 1.0 / size, dtype=t.dtype, device=t.device)
-        means = torch.bmm(weights, t) if sdim == 1 else torch.bmm(t, weights.transpose(1, 2))
-        per_channel = means.flatten(1).float()
-    b, c = per_channel.shape
-    return per_channel.view(b, groups, c // groups).mean(-1, keepdim=True).expand(b, groups, c // groups).reshape(b, c)
-
-
-def group_norm_act(norm: GroupNorm32, x: torch.Tensor, act: bool, reuse: bool) -> torch.Tensor:
-    """``silu(norm(x))`` (or ``norm(x)``) for inference, with ``GroupNorm32``'s numerics: each
-    group is centred in float32 first, then ``F.group_norm`` (float32 weights) normalises it, or
-    on channels-last maps of ``LARGE_MAP`` positions and more ``_normalise_by_rows``.
-
-    Fewer passes and buffers than the module: the group means come from per-channel means (a
-    contiguous reduction in either layout, read straight from a half-precision ``x``), the
-    centring writes the float32 buffer that the norm reads (``reuse``: ``x`` is a float32
-    intermediate nobody else reads, so it is centred in place; a half-precision ``x`` is
-    centred into a kept buffer on the CPU), SiLU runs in place in float32 before the one cast
-    back (the module casts, then the reference applies SiLU). The centring offset need not be
-    exact: it is there to keep the kernel's E[x²] − E[x]² from cancelling, and the kernel then
-    takes the exact mean of what is left.
-    """
-    b, c, h, w = x.shape
-    g = norm.num_groups
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if channels_last:
-        t, sdim = x.permute(0, 2, 3, 1).reshape(b, h * w, c), 1
-    else:
-        t, sdim = x.reshape(b, c, h * w), 2
-    mean = _channel_group_mean(t, sdim, g).unsqueeze(sdim)
-    if reuse and t.dtype == torch.float32 and t.data_ptr() == x.data_ptr():
-        centred = t.sub_(mean)
-    elif t.dtype != torch.float32 and buffers.keeps(t):
-        centred = torch.sub(t, mean, out=buffers.scratch("centred", t.device, t.shape)[0])
-    else:
-        centred = torch.sub(t, mean)  # a half-precision t promotes to float32 here
-    w32 = norm.weight.float() if norm.weight is not None else None
-    b32 = norm.bias.float() if norm.bias is not None else None
-    if channels_last and h * w >= LARGE_MAP and not torch.is_grad_enabled():
-        y = _normalise_by_rows(centred.view(b, h, w, c), g, w32, b32, norm.eps).permute(0, 3, 1, 2)
-    else:
-        centred = centred.view(b, h, w, c).permute(0, 3, 1, 2) if channels_last else centred.view(b, c, h, w)
-        y = F.group_norm(centred, g, w32, b32, norm.eps)
-    if act:
-        F.silu(y, inplace=True)
-    return y.to(x.dtype)
-
-
-# From this many positions on, torch's channels-last GroupNorm kernel sums each channel in one
-# run and its statistics drift (relative error against float64: 3e-6 for 128 channels at 512x512,
-# 1e-6 for 256 at 256x256; NCHW 6e-8), so ``group_norm_act`` takes them by rows instead.
-LARGE_MAP = 256 * 256
-
-
-def _normalise_by_rows(centred: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor:
-    """GroupNorm of a centred (B, H, W, C) float32 map, in place: each channel's sum and sum of
-    squares over a row of W first, then over the H rows (7e-8 against float64, as fast as the
-    kernel here), then one multiply-add per channel."""
-    b, h, w, c = centred.shape
-    per_group = (b, groups, c // groups)
-    s1 = centred.sum(2).sum(1)
-    s2 = torch.linalg.vector_norm(centred, dim=2).square_().sum(1)
-    count = h * w * (c // groups)
-    m1 = s1.view(per_group).sum(-1, keepdim=True) / count
-    m2 = s2.view(per_group).sum(-1, keepdim=True) / count
-    scale = (m2 - m1.square() + eps).rsqrt().expand(per_group).reshape(b, 1, 1, c)
-    if weight is not None:
-        scale = scale * weight
-    shift = -m1.expand(per_group).reshape(b, 1, 1, c) * scale
-    if bias is not None:
-        shift = shift + bias
-    return centred.mul_(scale).add_(shift)
 
 
 class LayerNorm32(nn.LayerNorm):
@@ -253,7 +146,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))

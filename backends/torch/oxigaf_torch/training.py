@@ -8,6 +8,7 @@ Tensors cross the interface as numpy arrays with the checkpoint's key names and 
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import numpy as np
@@ -29,6 +30,24 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def _lora_forward(self, x):
     base = F.linear(x, self.weight, self.bias)
     return base + self.lora_scale * F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
+
+def _flushes_denormals() -> bool:
+    """Whether the CPU flushes float32 denormals to zero now (``torch.set_flush_denormal``)."""
+    return float(torch.tensor([1e-39], dtype=torch.float32).mul(2.0)[0]) == 0.0
+
+
+@contextlib.contextmanager
+def flushing_denormals():
+    """Float32 denormals (below 1.2e-38) flushed to zero inside, the previous setting restored
+    after. Adam's second moments of small gradients fall into denormals, which x86 CPUs process
+    many times slower; flushing them is what GPUs do anyway."""
+    before = _flushes_denormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
 
 
 def _checkpointed(block):
@@ -55,10 +74,6 @@ class UNetTrainer:
             raise ConfigError(f"training dtype must be float32 or bfloat16; got {dtype!r}")
         self.device = torch.device(device)
         self.dtype = dtype
-        # Adam's second moments of small gradients fall into float32 denormals, which x86 CPUs
-        # process 10-100x slower (a 2-4x slower step measured here); flushing them to zero is
-        # what GPUs do anyway. Process-wide, values below 1.2e-38 only.
-        torch.set_flush_denormal(True)
         with torch.device("meta"):
             model = MultiViewUNet(config)
         self.model = load_weights(model, state, config.source or "UNet state", dtype=torch.float32, device=self.device)
@@ -104,10 +119,11 @@ class UNetTrainer:
 
     def loss(self, batch) -> float:
         """The objective on ``batch`` with the current weights (autograd on: the training path)."""
-        return float(self._loss(batch).detach())
+        with flushing_denormals():
+            return float(self._loss(batch).detach())
 
     def predict(self, batch) -> np.ndarray:
-        with torch.no_grad():
+        with torch.no_grad(), flushing_denormals():
             out = self.model(self._tensor(batch.x), self._tensor(batch.timesteps), self._tensor(batch.context),
                              camera=self._tensor(batch.camera), num_frames=batch.num_frames,
                              ip=self._tensor(batch.ip), ip_img=self._tensor(batch.ip_img))
@@ -121,6 +137,10 @@ class UNetTrainer:
         Returns the mean loss; a non-finite loss or gradient returns NaN and leaves the weights
         and the optimiser state untouched.
         """
+        with flushing_denormals():
+            return self._step(micro_batches, lr, max_grad_norm)
+
+    def _step(self, micro_batches: list, lr: float, max_grad_norm: float | None) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         n = len(micro_batches)

@@ -25,7 +25,7 @@ from oxigaf.errors import InputError
 from oxigaf.upsampler import AttentionPlan, BlockPlan, KUNetPlan, ResnetPlan, kunet_plan
 
 from . import common
-from .common import Conv2d, LayerNorm32, ResnetSkeleton, attention, merge_heads, sinusoids, split_heads
+from .common import LayerNorm32, ResnetSkeleton, attention, merge_heads, sinusoids, split_heads
 
 _BLUR_1D = (1 / 8, 3 / 8, 3 / 8, 1 / 8)
 
@@ -111,11 +111,11 @@ class ResnetBlockCondNorm2D(ResnetSkeleton):
     def __init__(self, p: ResnetPlan, emb_dim: int, eps: float, act: str):
         super().__init__()
         self.norm1 = AdaGroupNorm(emb_dim, p.in_channels, p.groups, eps)
-        self.conv1 = Conv2d(p.in_channels, p.mid_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(p.in_channels, p.mid_channels, 3, padding=1)
         self.norm2 = AdaGroupNorm(emb_dim, p.mid_channels, p.groups_out, eps)
-        self.conv2 = Conv2d(p.mid_channels, p.out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(p.mid_channels, p.out_channels, 3, padding=1)
         self.act = _activation(act)
-        self.conv_shortcut = Conv2d(p.in_channels, p.out_channels, 1, bias=False) if p.shortcut else None
+        self.conv_shortcut = nn.Conv2d(p.in_channels, p.out_channels, 1, bias=False) if p.shortcut else None
 
 
 class Attention(nn.Module):
@@ -224,14 +224,14 @@ class UpsamplerUNet(nn.Module):
         p = kunet_plan(config)
         self.config = config
         self.kplan = p
-        self.conv_in = Conv2d(p.in_channels, p.conv_in_channels, p.conv_in_kernel,
+        self.conv_in = nn.Conv2d(p.in_channels, p.conv_in_channels, p.conv_in_kernel,
                               padding=(p.conv_in_kernel - 1) // 2)
         self.time_proj = GaussianFourierProjection(p.fourier_size, p.flip_sin_to_cos)
         self.time_embedding = TimestepEmbedding(p.time_embed_dim, p.time_embed_dim, p.cond_dim, p.act_fn,
                                                 p.post_act_fn)
         self.down_blocks = nn.ModuleList(KBlock(b, p, up=False) for b in p.down)
         self.up_blocks = nn.ModuleList(KBlock(b, p, up=True) for b in p.up)
-        self.conv_out = Conv2d(p.conv_in_channels, p.out_channels, p.conv_out_kernel,
+        self.conv_out = nn.Conv2d(p.conv_in_channels, p.out_channels, p.conv_out_kernel,
                                padding=(p.conv_out_kernel - 1) // 2)
         self.attention = "auto"
         self.chunk_size = 1024
@@ -255,13 +255,7 @@ class UpsamplerUNet(nn.Module):
         - ``timestep`` a float or a (B,) / scalar tensor (the pipeline passes 0.25·ln σ);
         - ``encoder_hidden_states`` (B, L, cross_attention_dim);
         - ``timestep_cond`` (B, time_cond_proj_dim) or None.
-
-        Autograd's graph is recorded only when something needs a gradient (``common.records_graph``).
         """
-        with torch.set_grad_enabled(common.records_graph(self, sample, encoder_hidden_states, timestep_cond)):
-            return self._predict(sample, timestep, encoder_hidden_states, timestep_cond, attention)
-
-    def _predict(self, sample, timestep, encoder_hidden_states, timestep_cond, attention: str | None) -> torch.Tensor:
         out_dtype = sample.dtype if isinstance(sample, torch.Tensor) and sample.is_floating_point() else self.dtype
         p = self.kplan
         x = self._as(sample, "sample")
@@ -300,13 +294,15 @@ class UpsamplerUNet(nn.Module):
 
 
 def load_upsampler_unet(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
-                        attention: str = "auto", chunk_size: int = 1024,
-                        winograd_conv: bool | None = None) -> UpsamplerUNet:
+                        attention: str = "auto", chunk_size: int = 1024, fast: bool | None = None,
+                        **speed) -> UpsamplerUNet:
     """Build the K-UNet described by ``folder/config.json`` and load its weights strictly.
-    ``winograd_conv``: the wide 3x3 convolutions of inference calls as Winograd F(4x4, 3x3)
-    (``winograd.Conv2d``); by default on for float32 on the CPU."""
+    ``fast`` (None: on unless ``OXIGAF_TORCH_FAST=0``): the inference speed-ups of
+    ``oxigaf_torch.fast.models.speed_up_upsampler``, which takes the options in ``speed``."""
+    from . import fast as speedups
+
     check_load_options(dtype, attention, chunk_size)
     config = UpsamplerUNetConfig.from_folder(folder)
-    return common.load_model(lambda: UpsamplerUNet(config), load_state(folder), str(folder), dtype=dtype,
-                             device=device, attention=attention, chunk_size=chunk_size,
-                             winograd_conv=winograd_conv)
+    model = common.load_model(lambda: UpsamplerUNet(config), load_state(folder), str(folder), dtype=dtype,
+                              device=device, attention=attention, chunk_size=chunk_size)
+    return speedups.apply(model, fast, **speed)

@@ -4,7 +4,7 @@ The module tree mirrors diffusers' key names (``encoder.down_blocks.0.resnets.0.
 ``decoder.mid_block.attentions.0.to_q.weight``, ``quant_conv.weight`` …), so the safetensors
 names are the parameter names and loading is strict. Files written by diffusers before 0.14
 spell the mid-block attention ``query``/``key``/``value``/``proj_attn``; those names are
-mapped by an explicit table before the strict check.
+mapped by an explicit table before the strict check (``oxigaf.vae``, with the tiling plan).
 
 Numerics follow diffusers: GroupNorm eps 1e-6 (computed in float32 whatever the dtype), the
 encoder downsamples with a (0, 1, 0, 1) pad and a stride-2 3×3 convolution without padding,
@@ -17,24 +17,19 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oxigaf.checkpoints import load_state, rename
+from oxigaf import vae as plan
 from oxigaf.config import VAEConfig, check_load_options
-from oxigaf.errors import ConfigError, InputError, ModelLoadError
+from oxigaf.errors import InputError
+from oxigaf.vae import LOGVAR_RANGE, read_vae_state
 
-from . import common, winograd
-from .common import Conv2d, GroupNorm32, ResnetSkeleton, Upsample, attention
+from . import common
+from .common import GroupNorm32, ResnetSkeleton, Upsample, attention
 
 EPS = 1e-6
-LOGVAR_RANGE = (-30.0, 20.0)
-
-# diffusers < 0.14 names of the mid-block attention's layers -> today's names.
-LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_ATTENTION_PREFIXES = ("encoder.mid_block.attentions.", "decoder.mid_block.attentions.")
 
 
 # --------------------------------------------------------------------------- blocks
@@ -46,10 +41,10 @@ class ResnetBlock2D(ResnetSkeleton):
     def __init__(self, cin: int, cout: int, groups: int):
         super().__init__()
         self.norm1 = GroupNorm32(groups, cin, eps=EPS)
-        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.norm2 = GroupNorm32(groups, cout, eps=EPS)
-        self.conv2 = Conv2d(cout, cout, 3, padding=1)
-        self.conv_shortcut = Conv2d(cin, cout, 1) if cin != cout else None
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
         self.act = F.silu  # a function, not a module: the module tree stays the checkpoint's
 
 
@@ -89,7 +84,7 @@ class MidBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x):
         # Pad right and bottom only: the reference's asymmetric "same" for stride 2.
@@ -124,7 +119,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
-        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
             DownEncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, downsample=i < len(ch) - 1)
             for i in range(len(ch))
@@ -132,7 +127,7 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
         self.conv_norm_out = GroupNorm32(g, ch[-1], eps=EPS)
         # Mean and log-variance: twice the latent channels.
-        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x, mode: str, chunk_size: int):
         x = self.conv_in(x)
@@ -146,7 +141,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
-        self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
         # One more resnet per block than the encoder has.
         self.up_blocks = nn.ModuleList([
@@ -154,7 +149,7 @@ class Decoder(nn.Module):
             for i in range(len(ch))
         ])
         self.conv_norm_out = GroupNorm32(g, ch[-1], eps=EPS)
-        self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z, mode: str, chunk_size: int):
         return self.tail(self.trunk(z, mode, chunk_size))
@@ -168,45 +163,6 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
-
-
-# --------------------------------------------------------------------------- tiling
-
-
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets of tiles of ``tile`` covering ``length``; the last one is flush with the end."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
-
-
-def blend_ramp(size: int, ramp: int, head: bool, tail: bool) -> np.ndarray:
-    """1-D tile weight: 1 inside, a linear ramp from ~0 over ``ramp`` samples at each edge that
-    another tile overlaps, so overlapping tiles cross-fade and tile borders carry little weight."""
-    w = np.ones(size, np.float32)
-    r = min(ramp, size)
-    if r > 0:
-        up = (np.arange(r, dtype=np.float32) + 0.5) / r
-        if head:
-            w[:r] = np.minimum(w[:r], up)
-        if tail:
-            w[size - r:] = np.minimum(w[size - r:], up[::-1])
-    return w
-
-
-def _tile_plan(tile_size: int, tile_overlap: int | None, factor: int) -> tuple[int, int]:
-    """Pixel tile size and overlap, checked: multiples of the VAE's scale factor, overlap < tile."""
-    if not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < 0 or tile_size % factor:
-        raise ConfigError(f"VAE tile_size must be 0 or a positive multiple of {factor} pixels; got {tile_size!r}")
-    if tile_overlap is None:
-        tile_overlap = (tile_size // 4) // factor * factor
-    if (not isinstance(tile_overlap, int) or isinstance(tile_overlap, bool) or tile_overlap < 0
-            or tile_overlap % factor or (tile_size and tile_overlap >= tile_size)):
-        raise ConfigError(
-            f"VAE tile_overlap must be a multiple of {factor} pixels in [0, tile_size); got {tile_overlap!r}"
-        )
-    return tile_size, tile_overlap
 
 
 # --------------------------------------------------------------------------- the VAE
@@ -230,18 +186,16 @@ class VAE(nn.Module):
         self.config = config
         self.scaling_factor = float(config.scaling_factor)
         self.shift_factor = config.shift_factor
-        self.scale_factor = 2 ** (len(config.block_out_channels) - 1)
+        self.scale_factor = config.downsampling_factor
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         c = config.latent_channels
-        self.quant_conv = Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
-        self.post_quant_conv = Conv2d(c, c, 1) if config.use_post_quant_conv else None
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if config.use_post_quant_conv else None
         self.attention = "auto"
         self.chunk_size = 1024
         self.tile_size = 0
         self.tile_overlap = 0
-        # the decoder's activation layout (load_vae: channels-last with Winograd convolutions)
-        self.channels_last = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -288,21 +242,15 @@ class VAE(nn.Module):
         call; 0 disables tiling. Images no larger than a tile are decoded whole.
         """
         z = self._input(latents, self.config.latent_channels, "latents")
-        if tile_size is None:
-            tile, overlap = self.tile_size, self.tile_overlap if tile_overlap is None else tile_overlap
-        else:
-            tile, overlap = tile_size, tile_overlap
-        tile, overlap = _tile_plan(tile, overlap, self.scale_factor)
+        f = self.scale_factor
+        tile, overlap = plan.call_tiling((self.tile_size, self.tile_overlap), tile_size, tile_overlap, f)
         mode = self._mode()
         outs = []
         for i in range(z.shape[0]):
             zi = z[i:i + 1]
             if self.post_quant_conv is not None:
                 zi = self.post_quant_conv(zi)
-            if self.channels_last:
-                zi = zi.contiguous(memory_format=torch.channels_last)
-            f = self.scale_factor
-            if tile and (zi.shape[2] * f > tile or zi.shape[3] * f > tile):
+            if plan.is_tiled(tile, zi.shape[2], zi.shape[3], f):
                 outs.append(self._decode_tiled(zi, tile // f, overlap // f, mode))
             else:
                 outs.append(self.decoder(zi, mode, self.chunk_size))
@@ -317,59 +265,39 @@ class VAE(nn.Module):
         f = self.scale_factor
         h = self.decoder.trunk(z, mode, self.chunk_size)
         _, _, lh, lw = h.shape
-        stride = tile - overlap
         out = torch.zeros((1, self.config.out_channels, lh * f, lw * f), dtype=torch.float32, device=z.device)
         weight = torch.zeros((1, 1, lh * f, lw * f), dtype=torch.float32, device=z.device)
-        th, tw = min(tile, lh), min(tile, lw)
-        for y in tile_starts(lh, tile, stride):
-            wy = blend_ramp(th * f, overlap * f, head=y > 0, tail=y + th < lh)
-            for x in tile_starts(lw, tile, stride):
-                wx = blend_ramp(tw * f, overlap * f, head=x > 0, tail=x + tw < lw)
-                img = self.decoder.tail(h[:, :, y:y + th, x:x + tw]).float()
-                wt = torch.from_numpy(np.outer(wy, wx)).to(z.device)[None, None]
-                out[:, :, y * f:(y + th) * f, x * f:(x + tw) * f] += img * wt
-                weight[:, :, y * f:(y + th) * f, x * f:(x + tw) * f] += wt
+        for t in plan.tiles(lh, lw, tile, overlap, f):
+            img = self.decoder.tail(h[:, :, t.y:t.y + t.h, t.x:t.x + t.w]).float()
+            wt = torch.from_numpy(t.weight).to(z.device)[None, None]
+            ys, xs = slice(t.y * f, (t.y + t.h) * f), slice(t.x * f, (t.x + t.w) * f)
+            out[:, :, ys, xs] += img * wt
+            weight[:, :, ys, xs] += wt
         return (out / weight).to(z.dtype)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def read_vae_state(folder) -> dict[str, np.ndarray]:
-    """The VAE's tensors with legacy (diffusers < 0.14) mid-block attention names mapped to today's."""
-    state = load_state(folder)
-    out: dict[str, np.ndarray] = {}
-    for key, value in state.items():
-        new = next(iter(rename({key: None}, LEGACY_ATTENTION_NAMES))) if key.startswith(_ATTENTION_PREFIXES) else key
-        if new in out:
-            raise ModelLoadError(f"weights in {folder}: {new!r} appears under both its old and its new name")
-        out[new] = value
-    return out
-
-
 def load_vae(folder: str | os.PathLike, *, dtype: str = "float32", device: str | torch.device = "cpu",
              tile_size: int = 0, tile_overlap: int | None = None, attention: str = "auto",
-             chunk_size: int = 1024, winograd_conv: bool | None = None) -> VAE:
+             chunk_size: int = 1024, fast: bool | None = None, **speed) -> VAE:
     """Build the VAE described by ``folder/config.json`` and load its weights strictly.
 
     ``dtype``: float32 (default; the SD VAE overflows in float16), float16 or bfloat16.
     ``tile_size`` / ``tile_overlap``: default decode tiling in pixels (see ``VAE``); 0 = never.
     ``attention`` / ``chunk_size``: mode of the mid-block attention (auto | sdpa | chunked | naive).
-    ``winograd_conv``: the wide 3x3 convolutions of inference calls as Winograd F(4x4, 3x3)
-    (``winograd.Conv2d``); by default on for float32 on the CPU. With it, a decoder that has
-    layers of ``winograd.MIN_CHANNELS_LAST`` channels runs channels-last, where Winograd pays
-    from that width (the SD VAE at 512 px on 2 AMX cores: 11 s against 18 s in NCHW);
-    the encoder, at the input's resolution only once per image, stays NCHW.
+    ``fast`` (None: on unless ``OXIGAF_TORCH_FAST=0``): the inference speed-ups of
+    ``oxigaf_torch.fast.models.speed_up_vae``, which takes the options in ``speed``.
     """
+    from . import fast as speedups
+
     check_load_options(dtype, attention, chunk_size)
     config = VAEConfig.from_folder(folder)
     config.check_geometry()
-    tile_size, tile_overlap = _tile_plan(tile_size, tile_overlap, 2 ** (len(config.block_out_channels) - 1))
+    tile_size, tile_overlap = plan.tile_plan(tile_size, tile_overlap, config.downsampling_factor)
     model = common.load_model(lambda: VAE(config), read_vae_state(folder), str(folder), dtype=dtype,
-                              device=device, attention=attention, chunk_size=chunk_size, winograd_conv=winograd_conv)
+                              device=device, attention=attention, chunk_size=chunk_size)
     model.tile_size = tile_size
     model.tile_overlap = tile_overlap
-    model.channels_last = model.winograd_conv and bool(winograd.wide_layers(model.decoder, winograd.MIN_CHANNELS_LAST))
-    if model.channels_last:
-        model.decoder.to(memory_format=torch.channels_last)
-    return model
+    return speedups.apply(model, fast, **speed)

@@ -1,22 +1,21 @@
 """Faster 3x3 convolutions for inference on the CPU: Winograd F(4x4, 3x3) in float32 (Lavin &
 Gray, "Fast Algorithms for Convolutional Neural Networks", 2015) and, on small maps, one im2col
-GEMM in float32 and bfloat16.
+GEMM in float32 and bfloat16. ``FastConv2d`` (an ``nn.Conv2d`` with the same parameters) takes
+the place of a model's ``nn.Conv2d`` layers after loading (``oxigaf_torch.fast.apply``).
 
 Each 6x6 input tile ``d`` (stride 4) gives a 4x4 output tile ``Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A``:
 36 multiplies per output tile and channel pair instead of 144. Summed over input channels,
 the elementwise product becomes 36 independent GEMMs (tiles x C_in) @ (C_in x C_out), and
 both tile transforms are one GEMM each with the Kronecker product of the small matrices.
-On 2 cores of an AMD EPYC (AVX2, channels-last, batch 10) a 320-channel layer at 32x32 took
-0.52x oneDNN's direct convolution, a 1280-channel one at 16x16 0.30x, with a relative L2 error
-of 3e-6 against float64 (direct float32: 1e-6); at 64 channels it is slower (1.4x), hence
-``Conv2d.applies``. The transformed kernel ``G g Gᵀ`` is 4x the kernel's size.
+Its relative L2 error against float64 is a few times the direct float32 convolution's; narrow
+layers are slower this way, hence ``FastConv2d.applies``. The transformed kernel ``G g Gᵀ``
+is 4x the kernel's size.
 
-On maps of 8x8 and less (the UNet's two deepest levels, its widest layers) oneDNN's direct
-convolution runs far below the GEMM rate: 80-120 GFLOP/s in bfloat16 at 4x4 on 2 AMX cores of
-an Intel Xeon, against 450 for a GEMM. ``conv3x3_gemm`` gathers the nine shifted copies of the
-map (exact) and multiplies them by the kernel in one GEMM, which accumulates in float32 like
-the direct convolution: 0.2-0.3x oneDNN's time at 4x4, 0.5-0.8x at 8x8 in bfloat16, 0.3-0.4x at
-4x4 in float32, with the direct convolution's error.
+On small maps (the UNet's two deepest levels, its widest layers) oneDNN's direct convolution
+runs far below the GEMM rate; ``conv3x3_gemm`` gathers the nine shifted copies of the map
+(exact) and multiplies them by the kernel in one GEMM, which accumulates in float32 like the
+direct convolution, with its error. docs/performance.md has the measurements behind the
+thresholds below.
 """
 
 from __future__ import annotations
@@ -35,20 +34,15 @@ _G = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
 _AT = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64)
 OUT, TILE = 4, 6  # output tile and input tile sides
 
-# Where it pays on the CPU (measured on 2 AVX2 cores): both sides at least this many channels,
-# and feature maps at least MIN_SIZE (at 4x4 a 1280-channel layer took 1.35x the direct time).
-# Kernels are kept for maps of at least KEEP_SIZE; the smaller maps belong to the widest layers,
-# whose kept kernels would cost the most (7 GB more for the ImageDream UNet), so there they are
-# made per call (a 1280-channel layer at 8x8: 0.69x the direct time with that, 0.33x kept).
+# Where Winograd pays on the CPU: both sides at least this many channels, feature maps at least
+# MIN_SIZE. Kernels are kept for maps of at least KEEP_SIZE; the smaller maps belong to the
+# widest layers, whose kept kernels would cost the most memory, so there they are made per call.
 MIN_CHANNELS = 320
-# On channels-last maps the tile gathers read whole channel rows and narrower layers pay too (2
-# AMX cores of an Intel Xeon, batch 1: 128 channels at 512x512 0.55x, 256 at 256x256 0.55x,
-# 256->128 at 512x512 0.81x; 64 channels 1.6x). NCHW there: 128 channels 1.1-1.3x, 256 0.8-0.9x.
+# On channels-last maps the tile gathers read whole channel rows, and narrower layers pay too.
 MIN_CHANNELS_LAST = 128
 MIN_SIZE = 8
 KEEP_SIZE = 16
-# The GEMM path takes outputs of at most this side (bfloat16 at 16x16 was 0.85-1.1x oneDNN's
-# time, float32 1.0x; float32 at 8x8 goes to Winograd first, 0.5x the GEMM's time there).
+# The GEMM path takes outputs of at most this side (float32 at 8x8 goes to Winograd first).
 GEMM_MAX_SIZE = 8
 GEMM_DTYPES = (torch.float32, torch.bfloat16)
 # The most bytes of tile intermediates ``conv3x3`` holds at once (it goes a band of tile rows at a
@@ -155,7 +149,7 @@ def _transforms(device: torch.device) -> tuple[torch.Tensor, ...]:
     return _TRANSFORMS[device]
 
 
-class Conv2d(nn.Conv2d):
+class FastConv2d(nn.Conv2d):
     """``nn.Conv2d`` (the same parameters, so the same checkpoint keys) that runs its inference
     calls as Winograd F(4x4, 3x3) where that is faster (``applies``) and ``winograd`` is set (the
     loaders set it for float32 models on the CPU). On feature maps of at least ``KEEP_SIZE`` its
@@ -167,8 +161,7 @@ class Conv2d(nn.Conv2d):
     With ``winograd`` set, an inference call also puts the weight in the layout its path reads
     (``_match_layout``): the standard one for a kernel made per call, channels-last for oneDNN's
     direct convolution of channels-last maps, which otherwise reorders a standard-layout weight
-    on every call (29 ms for a 1280-channel layer at 4x4, 40 % of its time). A layer keeps one
-    path at a given input size, so this happens once."""
+    on every call. A layer keeps one path at a given input size, so this happens once."""
 
     winograd = False
 
@@ -225,16 +218,16 @@ class Conv2d(nn.Conv2d):
         return self._winograd_kernel
 
 
-def wide_layers(model: nn.Module, min_channels: int | None = None) -> list[Conv2d]:
-    """The ``Conv2d`` layers of ``model`` wide enough for Winograd (``MIN_CHANNELS``, or
+def wide_layers(model: nn.Module, min_channels: int | None = None) -> list[FastConv2d]:
+    """The ``FastConv2d`` layers of ``model`` wide enough for Winograd (``MIN_CHANNELS``, or
     ``min_channels``: ``MIN_CHANNELS_LAST`` for a model run channels-last)."""
     least = MIN_CHANNELS if min_channels is None else min_channels
-    return [m for m in model.modules() if isinstance(m, Conv2d) and min(m.in_channels, m.out_channels) >= least]
+    return [m for m in model.modules() if isinstance(m, FastConv2d) and min(m.in_channels, m.out_channels) >= least]
 
 
 def enable(model: nn.Module, on: bool) -> nn.Module:
-    """Set ``winograd`` on every ``Conv2d`` of ``model``."""
+    """Set ``winograd`` on every ``FastConv2d`` of ``model``."""
     for module in model.modules():
-        if isinstance(module, Conv2d):
+        if isinstance(module, FastConv2d):
             module.winograd = on
     return model

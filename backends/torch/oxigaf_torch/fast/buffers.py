@@ -2,12 +2,12 @@
 
 torch's CPU allocator hands blocks above glibc's mmap threshold (at most 32 MB) back to the
 system when they are freed, so an intermediate that large is page-faulted in again on every
-call. In a UNet call at the ImageDream shape that is no small cost: a fresh 105 MB float32
-GEGLU projection took 0.17 s a block in its bias copy alone, its GEMM 0.13 s (2 cores of an
-AMD EPYC). ``winograd`` (its tiles and per-call kernels, the GEMM convolutions' gathered maps)
-and ``unet`` (GEGLU's projection, half-precision GroupNorm's centred float32 copy) write such
-intermediates into buffers kept here, one per use, device, dtype and thread, grown to the largest
-call's need.
+call. In a UNet call at the ImageDream shape that is no small cost (a fresh 105 MB float32
+GEGLU projection page-faults in longer than its GEMM takes: docs/performance.md).
+``winograd`` (its tiles and per-call kernels, the GEMM convolutions' gathered maps), ``unet``
+(GEGLU's projection) and ``norms`` (half-precision GroupNorm's centred float32 copy) write such
+intermediates into buffers kept here, one per use, device, dtype and thread, grown to the
+largest call's need.
 """
 
 from __future__ import annotations
