@@ -93,8 +93,9 @@ def toy_demo(output, *, subject: int | None = None, backend: str = "auto", devic
              config=None, cameras=None, overwrite: bool = False, progress: bool = True, out=print):
     """Render a held-out toy head's front view, generate views with the shipped toy model, compare.
 
-    Writes the pipeline's usual outputs plus ``comparison.png`` and ``ground_truth_XX.png`` into
-    ``output``; prints PSNR and SSIM per view; returns ``(MultiViewOutput, metrics)``.
+    Writes the pipeline's usual outputs (the views, their cameras, ``oxigaf.json`` and the input as
+    ``input.png``) plus ``comparison.png`` and ``ground_truth_XX.png`` into ``output``; prints PSNR
+    and SSIM per view; returns ``(MultiViewOutput, metrics)``.
     """
     from PIL import Image
 
@@ -116,8 +117,6 @@ def toy_demo(output, *, subject: int | None = None, backend: str = "auto", devic
     folder = result.save(output, overwrite=overwrite)
     for i, gt in enumerate(truth):
         Image.fromarray(to_uint8(gt)).save(folder / f"ground_truth_{i:02d}.png")
-    if not (folder / "input.png").exists():  # save() keeps the input there when the output carries a run record
-        photo.save(folder / "input.png")
     comparison_image(result.images, truth, front).save(folder / "comparison.png")
     metrics = []
     for i, cam in enumerate(cams):
