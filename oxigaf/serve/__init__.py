@@ -145,7 +145,7 @@ def _serve(args, root: Path) -> int:
           file=sys.stderr)
     demo.launch(
         server_name=args.host, server_port=args.port, share=bool(args.share), allowed_paths=[str(root)],
-        max_file_size=max_bytes, ssr_mode=False, mcp_server=False, theme=app.theme(), footer_links=["api"],
+        max_file_size=max_bytes, ssr_mode=False, mcp_server=False, footer_links=["api"],
         prevent_thread_lock=True, quiet=False, show_error=True, inbrowser=False)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop closes the server as Ctrl-C does

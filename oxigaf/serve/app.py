@@ -137,10 +137,4 @@ def build(pipe, store: RunStore, *, max_upload_bytes: int, examples: list[Path] 
     return demo
 
 
-def theme():
-    """Gradio's default look with the system's fonts: the page loads nothing from other hosts."""
-    fonts = ["ui-sans-serif", "system-ui", "sans-serif"]
-    return gr.themes.Default(font=fonts, font_mono=["ui-monospace", "monospace"])
-
-
-__all__ = ["Generator", "build", "photo_input", "theme", "unchecked"]
+__all__ = ["Generator", "build", "photo_input", "unchecked"]
