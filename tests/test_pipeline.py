@@ -52,6 +52,84 @@ def test_batch_equals_single_runs_and_keeps_camera_order(toy, toy_photo):
     assert rel_l2(batch[1].latents, alone1.latents) <= 1e-5
     assert rel_l2(batch[0].latents, batch[1].latents) > 1e-2  # the items are not one run repeated
     assert [c.azimuth for c in batch[1].cameras] == [0.0, 45.0, 180.0]
+    # each item's run record names its own seed and the resolved settings
+    assert [o.record["seed"] for o in batch] == [7, 8] and alone1.record["seed"] == 8
+    assert [o.record["config"]["num_inference_steps"] for o in batch] == [2, 2]
+
+
+# -- settings: the config, per-call overrides (None = the config's value), ip_weight, prediction_type
+
+SETTINGS = dict(num_inference_steps=2, guidance_scale=3.0, seed=5, eta=0.5, ip_weight=0.5, elevation=10.0)
+
+
+@pytest.fixture(scope="module")
+def configured(toy):
+    """The toy model with SETTINGS in its config, beside ``toy`` (the default config)."""
+    from oxigaf import toys
+
+    return Pipeline(toys.model_path(), backend=BACKENDS[0], config=DiffusionConfig(**SETTINGS))
+
+
+def test_per_call_settings_default_to_the_config(toy, configured, toy_photo):
+    explicit = toy.generate(toy_photo, progress=False, **SETTINGS)
+    implicit = configured.generate(toy_photo, progress=False)
+    np.testing.assert_array_equal(implicit.latents, explicit.latents)
+    assert [c.elevation for c in implicit.cameras] == [10.0] * 4
+    assert implicit.record["config"] == explicit.record["config"]
+    assert {k: implicit.record["config"][k] for k in SETTINGS} == SETTINGS
+    # refine and score distillation take their steps, eta, guidance, seed and ip_weight from the config too
+    views = implicit.images
+    seen = []
+    a = configured.refine(views, toy_photo, None, strength=1.0, progress=False,
+                          callback=lambda i, t, x: seen.append(i))
+    b = toy.refine(views, toy_photo, None, strength=1.0, progress=False, **SETTINGS)
+    assert seen == [0, 1]  # the config's 2 steps, not a fixed 50
+    np.testing.assert_array_equal(a.latents, b.latents)
+    sds_kw = {k: SETTINGS[k] for k in ("guidance_scale", "seed", "ip_weight", "elevation")}
+    np.testing.assert_array_equal(configured.score_distillation(implicit.latents, toy_photo, None, 500),
+                                  toy.score_distillation(implicit.latents, toy_photo, None, 500, **sds_kw))
+    # a per-call value overrides the config's
+    assert rel_l2(configured.refine(views, toy_photo, None, strength=1.0, progress=False, eta=0.0).latents,
+                  a.latents) > 1e-3
+
+
+def test_ip_weight_reaches_the_unet(toy, toy_photo):
+    kw = dict(num_inference_steps=2, seed=1, progress=False)
+    base = toy.generate(toy_photo, **kw)
+    assert rel_l2(toy.generate(toy_photo, ip_weight=0.0, **kw).latents, base.latents) > 1e-3
+    assert rel_l2(toy.generate(toy_photo, ip_weight=1.0, **kw).latents, base.latents) == 0.0  # the default
+    g1 = toy.score_distillation(base.latents, toy_photo, None, 500, seed=0)
+    g0 = toy.score_distillation(base.latents, toy_photo, None, 500, seed=0, ip_weight=0.0)
+    assert rel_l2(g0, g1) > 1e-3
+    r1 = toy.refine(base.images, toy_photo, None, strength=0.5, num_inference_steps=2, progress=False)
+    r0 = toy.refine(base.images, toy_photo, None, strength=0.5, num_inference_steps=2, progress=False, ip_weight=0.0)
+    assert rel_l2(r0.latents, r1.latents) > 1e-3
+
+
+def test_prediction_type_none_is_the_models_and_a_value_overrides_it(toy, toy_photo):
+    from oxigaf import toys
+
+    assert DiffusionConfig().prediction_type is None
+    assert toy.scheduler.config.prediction_type == "v_prediction"  # the toy's scheduler_config.json
+    eps = Pipeline(toys.model_path(), backend=BACKENDS[0], config=DiffusionConfig(prediction_type="epsilon"))
+    assert eps.scheduler.config.prediction_type == "epsilon"
+    assert eps.scheduler.alphas_cumprod.tolist() == toy.scheduler.alphas_cumprod.tolist()
+    kw = dict(num_inference_steps=2, seed=2, progress=False)
+    assert rel_l2(eps.generate(toy_photo, **kw).latents, toy.generate(toy_photo, **kw).latents) > 1e-3
+    toy_v = Pipeline(toys.model_path(), backend=BACKENDS[0], config=DiffusionConfig(prediction_type="v_prediction"))
+    assert toy_v.scheduler.config.prediction_type == "v_prediction"
+    np.testing.assert_array_equal(toy_v.generate(toy_photo, **kw).latents, toy.generate(toy_photo, **kw).latents)
+
+
+@pytest.mark.parametrize("method", ["generate", "refine", "score_distillation"])
+@pytest.mark.parametrize("name, value", [("ip_weight", float("nan")), ("guidance_scale", 30.0), ("seed", -2)])
+def test_bad_per_call_settings_are_named_by_every_flow(toy, toy_photo, method, name, value):
+    lat = np.zeros((4, 4, 8, 8), np.float32)
+    call = {"generate": lambda **kw: toy.generate(toy_photo, progress=False, **kw),
+            "refine": lambda **kw: toy.refine(np.zeros((4, 64, 64, 3), np.float32), toy_photo, None, **kw),
+            "score_distillation": lambda **kw: toy.score_distillation(lat, toy_photo, None, 500, **kw)}[method]
+    with pytest.raises(ConfigError, match=name):
+        call(**{name: value})
 
 
 def _cached_bytes(backend: str) -> int:

@@ -320,7 +320,7 @@ ARG_CASES = [
     ("camera_not_a_camera", dict(cameras=["front"]), InputError, ("camera 0", "'front'")),
     ("camera_unknown_field", dict(cameras=[{"azimuth": 0, "roll": 3}]), InputError, ("camera 0", "roll")),
     ("cameras_not_a_list", dict(cameras=4), InputError, ("cameras",)),
-    ("elevation_nan", dict(elevation=NAN), InputError, ("elevation", "nan")),
+    ("elevation_nan", dict(elevation=NAN), ConfigError, ("elevation", "nan")),
     ("latents_wrong_shape", dict(latents=np.zeros((4, 4, 9, 9), np.float32)), InputError,
      ("latents", "(4, 4, 9, 9)")),
     ("latents_not_numbers", dict(latents="noise"), InputError, ("latents", "str")),
