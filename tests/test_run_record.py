@@ -275,3 +275,25 @@ def test_given_latents_are_recorded_and_such_a_run_is_not_replayed_from_the_reco
     folder = _output(1, record=rec).save(tmp_path / "given")
     assert main(["generate", "--replay", str(folder), "-o", str(tmp_path / "o")]) == 2
     assert "latents its caller gave" in capsys.readouterr().err
+
+
+def test_replay_warns_when_the_recorded_weights_changed(toy_photo, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(toys.model_path(), model)
+    photo = tmp_path / "photo.png"
+    toy_photo.save(photo)
+    args = ["--model", str(model), "--backend", BACKEND, "--steps", "1", "--quiet"]
+    assert main(["generate", str(photo), "-o", str(tmp_path / "a"), *args]) == 0
+    capsys.readouterr()
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    name = sorted(state)[0]
+    state[name] = state[name] * 2
+    save_file(state, str(weights))
+    assert main(["generate", "--replay", str(tmp_path / "a"), "-o", str(tmp_path / "b"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "differ from the record" in err
+    assert json.loads((tmp_path / "b" / "oxigaf.json").read_text())["model"]["files"][
+        "vae/diffusion_pytorch_model.safetensors"] == sha(weights)
