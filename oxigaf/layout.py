@@ -42,6 +42,11 @@ def components(model_path: Path, index: dict) -> tuple[list[str], bool]:
     return [c for c in REQUIRED_COMPONENTS if not present(c)], all(present(c) for c in IMAGE_COMPONENTS)
 
 
+def networks(image_conditioned: bool) -> tuple[str, ...]:
+    """The components with weights, in loading order."""
+    return ("unet", "vae", "text_encoder") + (("image_encoder",) if image_conditioned else ())
+
+
 def num_frames(views: int, image_conditioned: bool) -> int:
     """Frames per item: the views, and ImageDream's reference slot."""
     return views + 1 if image_conditioned else views
@@ -94,4 +99,4 @@ def unet_inputs(backend, conds: list, cameras: list[CameraParams], frames: int, 
 
 
 __all__ = ["CAMERA_DIM", "IMAGE_COMPONENTS", "REQUIRED_COMPONENTS", "add_noise", "branches", "camera_rows",
-           "components", "num_frames", "unconditional", "unet_inputs", "with_reference_slot"]
+           "components", "networks", "num_frames", "unconditional", "unet_inputs", "with_reference_slot"]

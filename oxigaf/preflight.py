@@ -9,7 +9,7 @@ from pathlib import Path
 from .checkpoints import read_json, read_shapes
 from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig
 from .errors import ModelLoadError
-from .layout import components
+from .layout import components, networks
 
 COMPONENT_CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig,
                      "image_encoder": CLIPVisionConfig}
@@ -31,7 +31,7 @@ class ModelFolder:
     @property
     def networks(self) -> tuple[str, ...]:
         """The components with weights, in loading order."""
-        return ("unet", "vae", "text_encoder") + (("image_encoder",) if self.image_conditioned else ())
+        return networks(self.image_conditioned)
 
 
 def read_index(model_path: Path) -> dict:
@@ -65,7 +65,7 @@ def preflight(model_path: Path) -> ModelFolder:
             f"model folder {model_path}{what}{hint}: it lacks the component(s) {', '.join(missing)} "
             "(expected the diffusers layout of an MVDream / ImageDream pipeline)"
         )
-    names = ("unet", "vae", "text_encoder") + (("image_encoder",) if image_conditioned else ())
+    names = networks(image_conditioned)
     cfg = {name: COMPONENT_CONFIGS[name].from_folder(model_path / name) for name in names}
     for name in names:
         read_shapes(model_path / name)

@@ -130,6 +130,21 @@ def test_batch_is_built_as_imagedream_trains(prepared, drop_image, drop_text):
     assert not np.array_equal(prepared.text_states[""], prepared.text_states["a toy head"])
 
 
+def test_data_is_encoded_as_the_pipeline_conditions(prepared, world):
+    # one image encoding (oxigaf.conditioning.encode_image): a frame's cached latent and CLIP states
+    # are the reference latent and CLIP states the pipeline conditions on for that photo
+    from oxigaf.pipeline import Pipeline
+
+    pipe = Pipeline(world["model"], backend="torch")
+    photo = prepared.dataset.subjects[1].frames[3].image
+    cond = pipe.condition(photo)
+    np.testing.assert_allclose(prepared.dataset.latents[1][3], pipe.backend.to_numpy(cond.reference_latent)[0],
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(prepared.dataset.clip_states[1][3], pipe.backend.to_numpy(cond.clip_states)[0],
+                               rtol=1e-6, atol=1e-6)
+    assert not np.allclose(prepared.dataset.latents[1][3], prepared.dataset.latents[1][2])
+
+
 def test_widened_input_starts_as_the_original(prepared):
     b = prepared.draw_batch(np.random.default_rng(3))
     cfg = prepared.unet_config

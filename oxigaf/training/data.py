@@ -357,11 +357,6 @@ class MultiViewDataset:
         models.clear()
 
 
-def latent_factor(vae_config) -> int:
-    """The VAE's spatial downsampling: 2^(number of blocks − 1)."""
-    return 2 ** (len(vae_config.block_out_channels) - 1)
-
-
 def azimuth_of(vector: np.ndarray) -> float:
     """Public azimuth (degrees) of a model camera vector (for checks and docs)."""
     m = np.asarray(vector, np.float64).reshape(4, 4)

@@ -34,7 +34,7 @@ from ..config import UNetConfig, VAEConfig, check_attention
 from ..errors import ConfigError, InputError, NumericsError
 from ..layout import components
 from ..synthetic import build_folder
-from .data import MultiViewDataset, latent_factor
+from .data import MultiViewDataset
 from .lora import LoRA, init_lora, lora_targets
 from .objective import build_batch, draw_sample
 
@@ -213,7 +213,7 @@ class Trainer:
         from ..schedulers import DDIMScheduler
 
         self.scheduler = DDIMScheduler.from_folder(self.model_path / "scheduler")
-        self.factor = latent_factor(self.vae_config)
+        self.factor = self.vae_config.downsampling_factor
         self.size = cfg.size or base.image_size * self.factor
         depth = 1 << (len(base.channel_mult) - 1)
         if self.size % (self.factor * depth):
