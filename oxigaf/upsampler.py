@@ -106,6 +106,19 @@ class KUNetPlan:
     def downsamplings(self) -> int:
         return sum(b.resample for b in self.down)
 
+    def check_call(self, sample: tuple, timestep_cond: tuple | None) -> None:
+        """The shapes of a K-UNet call's ``sample`` (B, in_channels, H, W), H and W multiples of
+        2^downsamplings and at least twice that, and ``timestep_cond`` (B, cond_dim) or None."""
+        if len(sample) != 4 or sample[1] != self.in_channels:
+            raise InputError(f"sample must be (B, {self.in_channels}, H, W); got {tuple(sample)}")
+        b, _, h, w = sample
+        factor = 1 << self.downsamplings
+        if h % factor or w % factor or min(h, w) // factor < 2:
+            raise InputError(f"sample height and width must be multiples of {factor} and at least {2 * factor}; "
+                             f"got {h}x{w}")
+        if timestep_cond is not None and tuple(timestep_cond) != (b, self.cond_dim):
+            raise InputError(f"timestep_cond must be ({b}, {self.cond_dim}); got {tuple(timestep_cond)}")
+
 
 def _groups(channels: int, where: str) -> int:
     if channels < K_GROUP_SIZE:

@@ -1,5 +1,6 @@
 """Backend discovery through entry points, and the core staying free of torch and mlx."""
 
+import importlib
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,21 @@ def test_get_backend_by_name(name):
     np.testing.assert_array_equal(b.to_numpy(y), np.concatenate([x, x * 2]))
     assert b.isfinite(y)
     assert set(b.memory()) == {"current_bytes", "peak_bytes"}
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_builtin_backends_subclass_backend_and_report_versions(name):
+    from oxigaf.backend import Backend
+
+    b = oxigaf.get_backend(name, device="cpu", dtype="float32")
+    assert isinstance(b, Backend)
+    versions = b.versions()
+    framework = importlib.import_module("mlx.core" if name == "mlx" else name)
+    assert versions[name] == framework.__version__ and versions["device"] == "cpu"
+    # every model loader of the contract is the backend's own, not the base class's stub
+    for method in ("load_unet", "load_vae", "load_image_encoder", "load_text_encoder", "load_upsampler_unet",
+                   "unet_trainer", "apply_lora"):
+        assert getattr(type(b), method) is not getattr(Backend, method), method
 
 
 def test_auto_picks_best_available():

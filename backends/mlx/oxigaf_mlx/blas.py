@@ -1,9 +1,8 @@
 """MLX's CPU matmuls on Linux, and an opt-in way to run them on torch's MKL. Imports neither.
 
-The mlx[cpu] wheel for Linux bundles netlib's reference BLAS, ~50x slower than an optimised
-one (a 1024x1024 float32 matmul on one thread of an Intel Xeon: 0.93 s against 18.5 ms), and
-MLX's CPU matmuls and convolutions all go through its ``cblas_sgemm``. That wrapper calls the
-Fortran ``sgemm_`` through the PLT, so whatever library in the process's global symbol scope
+The mlx[cpu] wheel for Linux bundles netlib's reference BLAS, far slower than an optimised
+one (docs/performance.md has the measurement), and MLX's CPU matmuls and convolutions all go
+through its ``cblas_sgemm``. That wrapper calls the Fortran ``sgemm_`` through the PLT, so whatever library in the process's global symbol scope
 exports ``sgemm_`` serves it. torch's ``libtorch_cpu.so`` exports MKL's ``sgemm_`` and
 ``dgemm_`` (linked in statically), so promoting the already-loaded torch library to the global
 scope before MLX loads is enough: no compiler, no system package, no restart. Same results to

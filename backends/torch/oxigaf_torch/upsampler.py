@@ -259,21 +259,12 @@ class UpsamplerUNet(nn.Module):
         out_dtype = sample.dtype if isinstance(sample, torch.Tensor) and sample.is_floating_point() else self.dtype
         p = self.kplan
         x = self._as(sample, "sample")
-        if x.ndim != 4 or x.shape[1] != p.in_channels:
-            raise InputError(f"sample must be (B, {p.in_channels}, H, W); got {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        factor = 1 << p.downsamplings
-        if h % factor or w % factor or min(h, w) // factor < 2:
-            raise InputError(f"sample height and width must be multiples of {factor} and at least {2 * factor}; "
-                             f"got {h}x{w}")
+        cond = None if timestep_cond is None else self._as(timestep_cond, "timestep_cond")
+        p.check_call(tuple(x.shape), None if cond is None else tuple(cond.shape))
+        b = x.shape[0]
         t = common.per_item(timestep, b, "timestep", self.device, float32=True)
         context = self._as(encoder_hidden_states, "encoder_hidden_states")
         context = common.check_tokens(context, b, p.cross_attention_dim, "encoder_hidden_states")
-        cond = None
-        if timestep_cond is not None:
-            cond = self._as(timestep_cond, "timestep_cond")
-            if cond.shape != (b, p.cond_dim):
-                raise InputError(f"timestep_cond must be ({b}, {p.cond_dim}); got {tuple(cond.shape)}")
         mode = common.resolve_attention(self.attention if attention is None else attention, self.device)
 
         emb = self.time_embedding(self.time_proj(t).to(self.dtype), cond)
