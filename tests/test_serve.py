@@ -143,6 +143,29 @@ def test_generate_equals_pipeline(served, client, pipe, head, tmp_path):
     np.testing.assert_array_equal(pixels(head), to_uint8(front))
 
 
+def test_fit_3d_gaussians_to_the_last_views(served, client, head, downloads, tmp_path):
+    from oxigaf.plugins import get_backend
+    from oxigaf.serve import fit3d
+    from oxigaf.splat.ply import load_ply
+
+    url = served[0]
+    with pytest.raises(AppError, match="generate views first"):  # a new page has no views yet
+        Client(url, verbose=False, download_files=str(downloads)).predict(200, 3, api_name="/fit")
+    result = client.predict(handle_file(str(head)), "0, 90, 180, 270", 0.0, STEPS, 5.0, 1.0, 7, api_name="/generate")
+    with pytest.raises(AppError, match=r"gaussians must be an integer in \[100, 20000\]; got 50"):
+        client.predict(50, 3, api_name="/fit")
+    model, ply = client.predict(200, 3, api_name="/fit")
+    fitted = load_ply(ply)
+    assert len(fitted) == 200 and Path(model).suffix == ".ply"
+    # the same fit, run here on the views the zip holds
+    with zipfile.ZipFile(result[2]) as zf:
+        zf.extractall(tmp_path)
+    folder = next(tmp_path.glob("oxigaf-*"))
+    mine = load_ply(fit3d.fit(folder, 200, 3, get_backend("torch")))
+    for name, value in mine.raw().items():
+        np.testing.assert_array_equal(fitted.raw()[name], value, err_msg=name)
+
+
 def test_four_clients_at_once(served, pipe, head, downloads):
     url, root, _ = served
     asks = [("0, 180", 0.0, 5.0, 1.0, 11), ("0, 90, 180, 270", 10.0, 3.0, 0.5, 12), ("45", -10.0, 7.5, 1.0, 13),
@@ -283,7 +306,7 @@ def test_serves_no_file_outside_its_folder(served, client, head):
     # what it serves lies under its own folder
     msg = raw_call(url, [handle_upload(url, head), "0", 0.0, STEPS, 5.0, 1.0, 0])
     assert msg["success"], msg
-    files = [item["image"] for item in msg["output"]["data"][0]] + msg["output"]["data"][1:]
+    files = [item["image"] for item in msg["output"]["data"][0]] + msg["output"]["data"][1:3]  # views, gif, zip
     for f in files:
         assert Path(f["path"]).resolve().is_relative_to(root.resolve()), f["path"]
         assert httpx.get(f["url"]).status_code == 200

@@ -8,6 +8,7 @@ shared between requests); Gradio's queue shows each waiting page its place in li
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..errors import InputError, OxigafError
-from . import checks
+from . import checks, fit3d
 from .runs import RunStore
 
 log = logging.getLogger("oxigaf.serve")
@@ -60,6 +61,21 @@ def _slider(name: str, label: str, value, step, info: str | None = None) -> gr.S
     return unchecked(gr.Slider(low, high, value=value, step=step, label=label, info=info))
 
 
+@contextlib.contextmanager
+def _messages(what: str):
+    """oxigaf's own errors become the page's message as they are; anything else is a bug: it is
+    logged and reported, and the server goes on."""
+    try:
+        yield
+    except OxigafError as exc:
+        raise gr.Error(str(exc)) from exc
+    except gr.Error:
+        raise
+    except Exception as exc:
+        log.exception("%s failed", what)
+        raise gr.Error(f"{what} failed: {type(exc).__name__}: {exc}") from exc
+
+
 class Generator:
     """The handler behind Generate and ``/generate``: checks, generates, saves, returns the files."""
 
@@ -69,7 +85,7 @@ class Generator:
         self._lock = threading.Lock()
 
     def __call__(self, photo, azimuths, elevation, steps, guidance, ip_weight, seed, progress=gr.Progress()):
-        try:
+        with _messages("generation"):
             req = checks.request(azimuths, elevation, steps, guidance, ip_weight, seed, self.max_views)
             if photo is None:
                 raise InputError("no photo: upload one or pick an example")
@@ -78,13 +94,20 @@ class Generator:
                 gr.Warning(note)
             with self._lock:
                 run = self._generate(image, req, progress)
-        except OxigafError as exc:
-            raise gr.Error(str(exc)) from exc
-        except Exception as exc:  # a bug: keep serving, log it, and say something useful on the page
-            log.exception("generation failed")
-            raise gr.Error(f"generation failed: {type(exc).__name__}: {exc}") from exc
         gallery = [(str(p), f"azimuth {a:g}°") for p, a in zip(run.views, req.azimuths, strict=True)]
-        return gallery, str(run.turntable), str(run.zip)
+        return gallery, str(run.turntable), str(run.zip), str(run.output)
+
+    def fit(self, folder, gaussians, iterations, progress=gr.Progress()):
+        """The "3D" action: Gaussians fitted to this page's last request's views (``folder``, kept in
+        the page's session state, never sent by the browser)."""
+        with _messages("the 3D fit"):
+            if not folder:
+                raise InputError("generate views first: the 3D fit uses this page's last views")
+            with self._lock:
+                progress(0.0, desc="fitting Gaussians")
+                ply = fit3d.fit(folder, gaussians, iterations, self.pipe.backend,
+                                step=lambda i, n: progress((i + 1, n), desc="fitting Gaussians", unit="steps"))
+        return str(ply), str(ply)
 
     def _generate(self, image, req: checks.Request, progress):
         total = req.steps
@@ -129,11 +152,22 @@ def build(pipe, store: RunStore, *, max_upload_bytes: int, examples: list[Path] 
                     spin = gr.Image(label="turntable", type="filepath", interactive=False, height=256,
                                     elem_id="turntable")
                     download = gr.File(label="output folder (zip)", interactive=False, elem_id="download")
+                with gr.Accordion("3D: fit Gaussians to the views (oxigaf fit)", open=False):
+                    with gr.Row():
+                        gaussians = unchecked(gr.Slider(*fit3d.GAUSSIANS, value=2000, step=100, label="Gaussians"))
+                        iterations = unchecked(gr.Slider(*fit3d.ITERATIONS, value=300, step=10, label="iterations"))
+                    fit_button = gr.Button("Fit 3D Gaussians", elem_id="fit")
+                    with gr.Row():
+                        model = gr.Model3D(label="3D Gaussians", height=320, elem_id="model3d")
+                        ply = gr.File(label="point_cloud.ply", interactive=False, elem_id="ply")
+        last = gr.State(None)  # this page's last output folder, for the 3D action
         views.change(lambda n: checks.even_azimuths(n, generator.max_views), views, azimuths,
                      api_visibility="private", queue=False)
         button.click(generator, [photo, azimuths, elevation, steps, guidance, ip_weight, seed],
-                     [gallery, spin, download], api_name="generate", concurrency_limit=1,
+                     [gallery, spin, download, last], api_name="generate", concurrency_limit=1,
                      concurrency_id="pipeline")
+        fit_button.click(generator.fit, [last, gaussians, iterations], [model, ply], api_name="fit",
+                         concurrency_limit=1, concurrency_id="pipeline")
     return demo
 
 
