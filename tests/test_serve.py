@@ -48,7 +48,9 @@ def downloads(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(served, downloads):
-    return Client(served[0], verbose=False, download_files=str(downloads))
+    c = Client(served[0], verbose=False, download_files=str(downloads))
+    yield c
+    c.close()  # its heartbeat stream would hold the server's shutdown
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +151,10 @@ def test_fit_3d_gaussians_to_the_last_views(served, client, head, downloads, tmp
     from oxigaf.splat.ply import load_ply
 
     url = served[0]
+    fresh = Client(url, verbose=False, download_files=str(downloads))
     with pytest.raises(AppError, match="generate views first"):  # a new page has no views yet
-        Client(url, verbose=False, download_files=str(downloads)).predict(200, 3, api_name="/fit")
+        fresh.predict(200, 3, api_name="/fit")
+    fresh.close()
     result = client.predict(handle_file(str(head)), "0, 90, 180, 270", 0.0, STEPS, 5.0, 1.0, 7, api_name="/generate")
     with pytest.raises(AppError, match=r"gaussians must be an integer in \[100, 20000\]; got 50"):
         client.predict(50, 3, api_name="/fit")
@@ -187,6 +191,8 @@ def test_four_clients_at_once(served, pipe, head, downloads):
         t.join()
     results = [job.result(timeout=600) for job in jobs]
     elapsed = time.monotonic() - t0
+    for c in clients:
+        c.close()
     assert elapsed < 600
     spans, ranks = [], []
     for job, result, (az, el, g, ipw, seed) in zip(jobs, results, asks, strict=True):

@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from ..config import DTYPES, DiffusionConfig
@@ -150,11 +151,12 @@ def _serve(args, root: Path) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop closes the server as Ctrl-C does
     try:
-        demo.block_thread()
-    except KeyboardInterrupt:
-        pass
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (above)
+        print("closing the server", file=sys.stderr)
     finally:
-        demo.close()
+        demo.close()  # ends the pages' event streams first, so the server need not wait for them
     return 0
 
 
