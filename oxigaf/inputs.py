@@ -90,6 +90,25 @@ def initial_noise(latents, items: int, views: int, frames: int, hw: int, seed: i
     return list(arr)
 
 
+def check_normals(normals, views: int, frames: int, maps: int, in_channels: int):
+    """``normals`` as given, checked against the UNet: None for a UNet without conditioning maps
+    (``maps`` 0); a normal-conditioned one needs one map per frame, for an image-conditioned model
+    one per view and the input photo's last (it fills the reference slot)."""
+    need = f"{frames} normal maps ({views} views + the input photo's, last)" if frames > views \
+        else f"{frames} normal maps (one per view)"
+    if maps == 0:
+        if normals is not None:
+            raise InputError(f"normals were given, but this UNet takes no conditioning maps "
+                             f"(in_channels {in_channels}): pass normals=None")
+        return None
+    if normals is None:
+        raise InputError(f"this UNet is normal-conditioned (in_channels {in_channels}): pass normals= with {need}")
+    count = len(normals) if isinstance(normals, (list, tuple, np.ndarray)) else None
+    if count != frames:
+        raise InputError(f"normals must hold {need}; got {count if count is not None else type(normals).__name__}")
+    return normals
+
+
 def output_size(size: int | None, native: int, upsampler) -> int:
     """The views' size: ``native``, or twice it with an upsampler (its default when there is one)."""
     if size is None:

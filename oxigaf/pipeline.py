@@ -240,25 +240,9 @@ class Pipeline:
         return lat
 
     def _map_latents(self, normals, views: int, frames: int):
-        """Normal maps -> their latents (frames, 4, h, w) for a normal-conditioned UNet, else None.
-
-        An image-conditioned model needs one map per view and the input photo's last (it fills the
-        reference slot); a text-only one a map per view.
-        """
-        need = f"{frames} normal maps ({views} views + the input photo's, last)" if frames > views \
-            else f"{frames} normal maps (one per view)"
-        if self.conditioning_maps == 0:
-            if normals is not None:
-                raise InputError(f"normals were given, but this UNet takes no conditioning maps "
-                                 f"(in_channels {self.unet_config.in_channels}): pass normals=None")
-            return None
-        if normals is None:
-            raise InputError(f"this UNet is normal-conditioned (in_channels {self.unet_config.in_channels}): "
-                             f"pass normals= with {need}")
-        count = len(normals) if isinstance(normals, (list, tuple, np.ndarray)) else None
-        if count != frames:
-            raise InputError(f"normals must hold {need}; got {count if count is not None else type(normals).__name__}")
-        return self.encode(normals)
+        """Normal maps -> their latents (frames, 4, h, w) for a normal-conditioned UNet, else None."""
+        normals = inputs.check_normals(normals, views, frames, self.conditioning_maps, self.unet_config.in_channels)
+        return None if normals is None else self.encode(normals)
 
     # -- the parts every flow shares ---------------------------------------------------------
 
@@ -270,7 +254,8 @@ class Pipeline:
         checked as ``DiffusionConfig`` checks it, and the input(s) loaded (``_source``): a list of
         images is a batch where ``batch`` allows one.
         """
-        given = {k: int(v) if isinstance(v, np.integer) else v for k, v in overrides.items() if v is not None}
+        given = {k: int(v) if isinstance(v, np.integer) else float(v) if isinstance(v, np.floating) else v
+                 for k, v in overrides.items() if v is not None}  # numpy scalars as Python numbers
         cfg = self.config.replace(**given)
         if "num_inference_steps" in overrides:  # a denoising flow
             inputs.check_steps(cfg.num_inference_steps, self.scheduler.num_train_timesteps)
