@@ -55,7 +55,7 @@ def fit_method(method, seed, frames, pipes, args, out_dir: Path):
                     densify=args.densify)
     if method == "refined":
         gaf_loop(fitter, None, photo, rounds=args.rounds, seed=args.seed, pipeline=pipes["refine"],
-                 template=lambda c, s: toys.template_normals(seed, c, s))
+                 template=lambda c, s: toys.template_normals(seed, c, s), accumulate=args.accumulate)
     else:
         fitter.run(args.iterations)
     g = fitter.gaussians()
@@ -90,15 +90,27 @@ def fit_timing(args) -> dict:
     frames = Frames.from_cameras(toys.render(seed, cams, SIZE)[0], cams)
     start = initial_gaussians(frames, 5000, args.seed)
     fitter = Fitter(frames, start, iterations=500, seed=args.seed, backend=args.backend)
+    steps = args.timing_steps
     t0 = time.perf_counter()
-    fitter.run(500)
+    fitter.run(steps)
     seconds = time.perf_counter() - t0
     held = render(fitter.gaussians(), HELD_OUT, SIZE, backend=args.backend)
     truth = toys.render(seed, HELD_OUT, SIZE)[0]
     return {"case": "fit 8 views 64 px, 5000 Gaussians, 500 iterations", "backend": args.backend,
-            "seconds": seconds, "final_loss": fitter.loss, "subject": seed,
+            "steps_timed": steps, "seconds": seconds, "seconds_per_step": seconds / steps,
+            "seconds_for_500": 500 * seconds / steps, "extrapolated": steps != 500, "final_loss": fitter.loss,
+            "subject": seed, "torch_threads": _threads(),
             "held_out_psnr": float(np.mean([toys.psnr(a, b) for a, b in zip(held, truth, strict=True)])),
             "load_average": os.getloadavg(), "cpu_count": os.cpu_count(), "machine": platform.processor()}
+
+
+def _threads():
+    try:
+        import torch
+
+        return torch.get_num_threads()
+    except ImportError:
+        return None
 
 
 def main(argv=None) -> int:
@@ -112,10 +124,13 @@ def main(argv=None) -> int:
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--densify", action="store_true")
+    ap.add_argument("--accumulate", action="store_true", help="refined: keep every round's refined views")
     ap.add_argument("--video", action="store_true", help="input: the front photo and frames at ±15°")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--picture", default=None, help="write the first subject's comparison picture here")
     ap.add_argument("--fit-timing", action="store_true", help="time one fit of 8 views (64 px, 5000, 500)")
+    ap.add_argument("--timing-steps", type=int, default=500,
+                    help="with --fit-timing: steps actually run (fewer: the 500-step time is extrapolated)")
     args = ap.parse_args(argv)
     if args.fit_timing:
         rows = [fit_timing(args)]

@@ -74,3 +74,8 @@ def test_template_normals_are_the_bare_head():
     assert np.abs(full[1] - bare[1]).mean() > 0.01  # from behind: hair on the head, none on the template
     subj = toys.subject(toys.HELD_OUT_SEED)
     assert {p.name for p in subj.parts} - set(toys.TEMPLATE_PARTS) >= {"hair", "eye_left", "mouth"}
+
+
+def test_loop_can_keep_every_rounds_views(fitter):
+    gaf_loop(fitter, None, fitter.frames.images[0], rounds=3, pipeline=StandIn(maps=0), accumulate=True)
+    assert len(fitter.frames) == 1 + 3 * 4 and fitter.iteration == 10

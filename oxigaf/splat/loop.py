@@ -27,12 +27,14 @@ def refine_cameras(rng: np.random.Generator, distance: float) -> list[CameraPara
 
 
 def gaf_loop(fitter: Fitter, model, photo, *, rounds: int = 4, template: Callable | None = None, seed: int = 0,
-             progress=None, checkpoint: Callable | None = None, pipeline=None, out=None) -> Fitter:
+             progress=None, checkpoint: Callable | None = None, pipeline=None, out=None,
+             accumulate: bool = False) -> Fitter:
     """Run ``fitter.total`` steps in ``rounds + 1`` stages: a fit on the fitter's frames, then
     ``rounds`` refine-and-fit rounds. ``model``: a pipeline folder (or pass ``pipeline``);
     ``photo``: the input photo (path, PIL image or array); ``template(cameras, size)``: normal maps
     (N, size, size, 3) of the coarse template, needed when the UNet is normal-conditioned;
-    ``checkpoint(gaussians)`` is called after each stage. Returns the fitter."""
+    ``checkpoint(gaussians)`` is called after each stage; ``accumulate`` keeps every round's refined
+    views as targets (else only the latest round's). Returns the fitter."""
     from ..pipeline import Pipeline
 
     if not isinstance(rounds, int) or rounds < 1:
@@ -69,7 +71,11 @@ def gaf_loop(fitter: Fitter, model, photo, *, rounds: int = 4, template: Callabl
         refined.images = np.asarray(result.images, np.float32)
         if out is not None:
             out(f"round {r + 1}/{rounds}: t = {t:.0f}, azimuths {[round(c.azimuth) for c in cams]}")
-        fitter.set_frames(base + refined)
+        if accumulate:
+            base = base + refined
+            fitter.set_frames(base)
+        else:
+            fitter.set_frames(base + refined)
         fitter.run(stage if r < rounds - 1 else fitter.total - fitter.iteration, progress)
         if checkpoint is not None:
             checkpoint(fitter.gaussians())
