@@ -12,6 +12,7 @@ activations too, and on small maps (float32 and bfloat16) as one im2col GEMM (``
 
 from __future__ import annotations
 
+import math
 import types
 import warnings
 
@@ -42,7 +43,7 @@ class FastCrossAttention(CrossAttention):
         kv = call.kv.get(self) if call.kv is not None else None
         if kv is None:
             kv = self.context_kv(x if context is None else context)
-        scale = 1.0 / self.dim_head ** 0.5
+        scale = 1.0 / math.sqrt(self.dim_head)
         q = split_heads(self.to_q(x), self.heads)
         out = attention(q, kv[0], kv[1], call.mode, scale=scale, chunk_size=call.chunk_size)
         out_ip = attention(q, kv[2], kv[3], call.mode, scale=scale, chunk_size=call.chunk_size)
