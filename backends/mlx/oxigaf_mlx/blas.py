@@ -2,11 +2,12 @@
 
 The mlx[cpu] wheel for Linux bundles netlib's reference BLAS, far slower than an optimised
 one (docs/performance.md has the measurement), and MLX's CPU matmuls and convolutions all go
-through its ``cblas_sgemm``. That wrapper calls the Fortran ``sgemm_`` through the PLT, so whatever library in the process's global symbol scope
-exports ``sgemm_`` serves it. torch's ``libtorch_cpu.so`` exports MKL's ``sgemm_`` and
-``dgemm_`` (linked in statically), so promoting the already-loaded torch library to the global
-scope before MLX loads is enough: no compiler, no system package, no restart. Same results to
-float32 rounding (the MLX reference run of the test suite: 7.7e-7 against the reference BLAS).
+through its ``cblas_sgemm``. That wrapper calls the Fortran ``sgemm_`` through the PLT, so
+whatever library in the process's global symbol scope exports ``sgemm_`` serves it. torch's
+``libtorch_cpu.so`` exports MKL's ``sgemm_`` and ``dgemm_`` (linked in statically), so promoting
+the already-loaded torch library to the global scope before MLX loads is enough: no compiler, no
+system package, no restart. Same results to float32 rounding (the MLX reference run of the test
+suite: 7.7e-7 against the reference BLAS).
 
 The package never does this on its own (it changes which ``sgemm_`` every library loaded later
 binds to); the test suite and the benchmarks do, and so may a user of MLX on a Linux CPU:
