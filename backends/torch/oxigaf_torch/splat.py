@@ -20,14 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-NEAR = 0.01
-EPS2D = 0.3
-ALPHA_MAX = 0.99
-ALPHA_MIN = 1.0 / 255.0
-LOG_T_MIN = math.log(1e-4)
-TILE = 8
-GROUPS = 4  # tiles are composited in this many groups of similar length
-PAIRS = 1 << 21  # pixel × Gaussian pairs per compositing chunk
+from oxigaf.splat.rules import ALPHA_MAX, ALPHA_MIN, EPS2D, GROUPS, LOG_T_MIN, NEAR, PAIRS, TILE
 
 
 def quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
