@@ -99,12 +99,16 @@ class CrossAttention(nn.Module):
             kv += (split_heads(self.to_k_ip(context_ip), self.heads), split_heads(self.to_v_ip(context_ip), self.heads))
         return kv
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None, call: _Call) -> torch.Tensor:
+    def queries_and_kv(self, x: torch.Tensor, context: torch.Tensor | None, call: _Call):
+        """The queries, and the keys/values from the call's prepared cache or from ``context``."""
         kv = call.kv.get(self) if call.kv is not None else None
         if kv is None:
             kv = self.context_kv(x if context is None else context)
+        return split_heads(self.to_q(x), self.heads), kv
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, call: _Call) -> torch.Tensor:
+        q, kv = self.queries_and_kv(x, context, call)
         scale = 1.0 / math.sqrt(self.dim_head)
-        q = split_heads(self.to_q(x), self.heads)
         out = scaled_attention(q, kv[0], kv[1], call.mode, scale=scale, chunk_size=call.chunk_size)
         if self.ip_dim > 0:
             out_ip = scaled_attention(q, kv[2], kv[3], call.mode, scale=scale, chunk_size=call.chunk_size)

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from ..common import GroupNorm32, LayerNorm32, attention, merge_heads, split_heads
+from ..common import GroupNorm32, LayerNorm32, attention, merge_heads
 from ..unet import (
     GEGLU,
     BasicTransformerBlock3D,
@@ -40,11 +40,8 @@ class FastCrossAttention(CrossAttention):
     def forward(self, x, context, call):
         if self.ip_dim == 0 or not inference():
             return super().forward(x, context, call)
-        kv = call.kv.get(self) if call.kv is not None else None
-        if kv is None:
-            kv = self.context_kv(x if context is None else context)
+        q, kv = self.queries_and_kv(x, context, call)
         scale = 1.0 / math.sqrt(self.dim_head)
-        q = split_heads(self.to_q(x), self.heads)
         out = attention(q, kv[0], kv[1], call.mode, scale=scale, chunk_size=call.chunk_size)
         out_ip = attention(q, kv[2], kv[3], call.mode, scale=scale, chunk_size=call.chunk_size)
         return self.to_out(merge_heads(out.add_(out_ip, alpha=call.ip_weight)))
