@@ -192,10 +192,11 @@ def _lora_record(lora) -> dict[str, Any] | None:
     return {"rank": lora.rank, "alpha": lora.alpha, "sha256": h.hexdigest()}
 
 
-def _image_record(image) -> tuple[dict[str, Any] | None, bytes | None]:
+def _image_record(image, decoded=None) -> tuple[dict[str, Any] | None, bytes | None]:
     """The input photo: its path (when given as one) and SHA-256, and the PNG of the decoded photo
     that the pipeline conditions on (``input.png``), so a replay needs neither the original file
-    nor its decoder. A precomputed ``Conditioning`` has no photo to keep."""
+    nor its decoder. ``decoded`` is that photo where the caller has already loaded it. A
+    precomputed ``Conditioning`` has no photo to keep."""
     if image is None:
         return None, None
     path = None
@@ -204,7 +205,7 @@ def _image_record(image) -> tuple[dict[str, Any] | None, bytes | None]:
     elif not isinstance(image, np.ndarray) and type(image).__module__.split(".")[0] != "PIL":
         return {"path": None, "sha256": None, "given": type(image).__name__}, None
     buf = io.BytesIO()
-    load_image(image).save(buf, format="PNG")
+    (load_image(image) if decoded is None else decoded).save(buf, format="PNG")
     png = buf.getvalue()
     png_sha = hashlib.sha256(png).hexdigest()
     return {"path": str(path) if path else None, "sha256": file_sha256(path) if path else png_sha,
@@ -212,11 +213,12 @@ def _image_record(image) -> tuple[dict[str, Any] | None, bytes | None]:
 
 
 def run_record(pipe, *, config: DiffusionConfig, seed: int, cameras, prompt: str, negative_prompt: str,
-               image, size: int | None = None, latents=None) -> RunRecord:
+               image, decoded=None, size: int | None = None, latents=None) -> RunRecord:
     """What ``pipe`` was asked to make one output: the record ``save`` writes as ``oxigaf.json``.
 
     ``config`` is the call's resolved config (per-call overrides applied); ``seed`` the item's own
-    seed; ``image`` the input as the caller gave it (a path, a PIL image, an array, or None);
+    seed; ``image`` the input as the caller gave it (a path, a PIL image, an array, or None) and
+    ``decoded`` the photo ``load_image`` made of it, where the caller has it (not decoded again);
     ``latents`` the item's initial noise when the caller gave it instead of the seed drawing it
     (recorded by its SHA-256: such a run cannot be replayed from the record alone).
     """
@@ -224,7 +226,7 @@ def run_record(pipe, *, config: DiffusionConfig, seed: int, cameras, prompt: str
 
     cams = as_cameras(cameras)
     backend = pipe.backend
-    img, png = _image_record(image)
+    img, png = _image_record(image, decoded)
     record = RunRecord(
         format=RECORD_FORMAT,
         oxigaf=__version__,

@@ -364,7 +364,8 @@ class Pipeline:
         # 5. upsample and decode, one output (and run record) per item
         given = image if isinstance(image, (list, tuple)) else [image]
         records = [run_record(self, config=cfg, seed=cfg.seed + i, cameras=cams, prompt=c.prompt,
-                              negative_prompt=c.negative_prompt, image=given[i], size=size,
+                              negative_prompt=c.negative_prompt, image=given[i],
+                              decoded=None if isinstance(sources[i], Conditioning) else sources[i], size=size,
                               latents=None if latents is None else init[i])
                    for i, c in enumerate(conds)]
         results = self._outputs(final, cams, size, cfg.seed, timings, records)
